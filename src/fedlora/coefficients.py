@@ -1,0 +1,338 @@
+"""FLoRA-NA's coefficient problem and its solvers (docs/aggregation-math.md §b, conventions.md §3).
+
+For one module with clients (B_u, A_u) of equal rank r, weights t_u (the target) and coefficients p, q ∈ R^U:
+
+    f(p, q) = ‖(Σ_u p_u B_u)(Σ_v q_v A_v) − M‖_F²,   M = Σ_u t_u B_u A_u
+            = ⟨S_B(p), S_A(q)⟩ − 2 pᵀ N q + ‖M‖²,      S_B = B̂ᵀB̂, S_A = ÂÂᵀ (r×r), N_uv = ⟨B_u A_v, M⟩.
+
+Two *oracles* evaluate the pieces without a d×k matrix while n = U·r ≲ 1.5·min(d, k):
+``GramOracle`` from the r×r Gram blocks G^B_ut = B_uᵀB_t, G^A_ut = A_u A_tᵀ (float64), and beyond that
+``FactorOracle`` from the factors and one formed M (there M is no larger than the factors themselves).
+``SumOracle`` adds modules up for one (p, q) shared by all modules. Solvers:
+
+* ``newton`` (default): 2 ALS sweeps from FedIT (p = q = w), then saddle-free Newton (|λ|-modified Hessian,
+  null directions dropped, which removes the gauge direction) with an exact line search on the quartic f(α).
+* ``als``: alternating least squares only (each half-step an exact U×U solve; can need thousands of sweeps).
+* ``adam``: Adam on (p, q) over dense d×k products, float32: the benchmark's baseline, not for users.
+
+Every solver starts at FedIT and returns the best point it saw, so it is never worse than FedIT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+NULL_EIG = 1e-13
+
+
+class Oracle:
+    """The pieces of f for one module, from which every solver works. Subclasses define the primitives."""
+
+    U: int
+    N: Tensor  # (U, U)
+    m2: float  # ‖M‖²
+
+    def SB(self, x: Tensor, y: Tensor) -> Tensor:  # B̂(x)ᵀB̂(y), (r, r)
+        raise NotImplementedError
+
+    def SA(self, x: Tensor, y: Tensor) -> Tensor:  # Â(x)Â(y)ᵀ, (r, r)
+        raise NotImplementedError
+
+    def Hp(self, q: Tensor) -> Tensor:  # H_p[u,t] = ⟨B_uÂ, B_tÂ⟩, (U, U)
+        raise NotImplementedError
+
+    def Hq(self, p: Tensor) -> Tensor:  # H_q[v,s] = ⟨B̂A_v, B̂A_s⟩, (U, U)
+        raise NotImplementedError
+
+    def E(self, p: Tensor) -> Tensor:  # E_u = B̂ᵀB_u, (U, r, r)
+        raise NotImplementedError
+
+    def F(self, q: Tensor) -> Tensor:  # F_v = ÂA_vᵀ, (U, r, r)
+        raise NotImplementedError
+
+    # ---- derived ----------------------------------------------------------------------------------------------
+    def f(self, p: Tensor, q: Tensor) -> float:
+        return float((self.SB(p, p) * self.SA(q, q)).sum() - 2 * p @ self.N @ q) + self.m2
+
+    def grad_hess(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """∇f and ∇²f over x = (p, q), (2U,) and (2U, 2U) (aggregation-math.md B3)."""
+        E, F = self.E(p), self.F(q)
+        SA, SB = self.SA(q, q), self.SB(p, p)
+        gp = 2 * (torch.einsum("uij,ij->u", E, SA) - self.N @ q)
+        gq = 2 * (torch.einsum("vij,ij->v", F.transpose(1, 2), SB) - self.N.T @ p)
+        Hpq = 2 * (torch.einsum("uij,vij->uv", E, F) + torch.einsum("uji,vij->uv", E, F) - self.N)
+        H = torch.cat([torch.cat([2 * self.Hp(q), Hpq], 1), torch.cat([Hpq.T, 2 * self.Hq(p)], 1)], 0)
+        return torch.cat([gp, gq]), H
+
+    def quartic(self, p: Tensor, q: Tensor, dp: Tensor, dq: Tensor) -> np.ndarray:
+        """Coefficients c_0..c_4 of f(p + α dp, q + α dq) = Σ c_j α^j."""
+        b = [self.SB(p, p), self.SB(p, dp) + self.SB(dp, p), self.SB(dp, dp)]
+        a = [self.SA(q, q), self.SA(q, dq) + self.SA(dq, q), self.SA(dq, dq)]
+        c = np.zeros(5)
+        for i in range(3):
+            for j in range(3):
+                c[i + j] += float((b[i] * a[j]).sum())
+        c[0] += self.m2 - 2 * float(p @ self.N @ q)
+        c[1] -= 2 * float(dp @ self.N @ q + p @ self.N @ dq)
+        c[2] -= 2 * float(dp @ self.N @ dq)
+        return c
+
+    def traces(self, p: Tensor, q: Tensor) -> tuple[float, float]:
+        """(‖B̂‖_F², ‖Â‖_F²)."""
+        return float(self.SB(p, p).trace()), float(self.SA(q, q).trace())
+
+
+class GramOracle(Oracle):
+    """Pieces from the r×r Gram blocks (U, r, U, r), float64. Cost (d+k)n² once, then O(U²r² + U³r²)."""
+
+    def __init__(self, Bs: Sequence[Tensor], As: Sequence[Tensor], t: Tensor) -> None:
+        U, r = len(Bs), Bs[0].shape[1]
+        Bt = torch.cat([B.to(F64).T for B in Bs], 0)  # (n, d): rows B_uᵀ
+        A = torch.cat([A.to(F64) for A in As], 0)  # (n, k)
+        self.U = U
+        self.GB = (Bt @ Bt.T).reshape(U, r, U, r)  # G^B[u,i,t,j] = (B_uᵀB_t)_ij
+        self.GA = (A @ A.T).reshape(U, r, U, r)  # G^A[u,i,t,j] = (A_uA_tᵀ)_ij
+        self.N = torch.einsum("uitj,t,vitj->uv", self.GB, t.to(F64), self.GA)
+        self.m2 = float(t.to(F64) @ self.N.diagonal())  # Σ_u t_u N_uu = ‖M‖²
+
+    def SB(self, x: Tensor, y: Tensor) -> Tensor:
+        return torch.einsum("u,uitj,t->ij", x, self.GB, y)
+
+    def SA(self, x: Tensor, y: Tensor) -> Tensor:
+        return torch.einsum("u,uitj,t->ij", x, self.GA, y)
+
+    def Hp(self, q: Tensor) -> Tensor:
+        return torch.einsum("uitj,ij->ut", self.GB, self.SA(q, q))
+
+    def Hq(self, p: Tensor) -> Tensor:
+        return torch.einsum("uitj,ij->ut", self.GA, self.SB(p, p))
+
+    def E(self, p: Tensor) -> Tensor:
+        return torch.einsum("t,tiuj->uij", p, self.GB)
+
+    def F(self, q: Tensor) -> Tensor:
+        return torch.einsum("s,sivj->vij", q, self.GA)
+
+
+class FactorOracle(Oracle):
+    """Pieces from the factors and one formed M, for n = U·r ≳ 1.5·min(d, k), where the n×n Grams are larger
+    than M. H_p = Y Yᵀ with Y_u = B_u L, L Lᵀ = S_A (and symmetrically for H_q): O(U(d+k)r² + U²(d+k)r)."""
+
+    def __init__(self, Bs: Sequence[Tensor], As: Sequence[Tensor], t: Tensor) -> None:
+        self.U = len(Bs)
+        self.B = torch.stack([B.to(F64) for B in Bs], 0)  # (U, d, r)
+        self.A = torch.stack([A.to(F64) for A in As], 0)  # (U, r, k)
+        M = torch.einsum("u,udr,urk->dk", t.to(F64), self.B, self.A)  # (d, k)
+        MA = torch.einsum("dk,vrk->vdr", M, self.A)  # M A_vᵀ
+        self.N = torch.einsum("udr,vdr->uv", self.B, MA)  # ⟨B_u, M A_vᵀ⟩
+        self.m2 = float((M * M).sum())
+
+    def _Bhat(self, x: Tensor) -> Tensor:
+        return torch.einsum("u,udr->dr", x, self.B)
+
+    def _Ahat(self, x: Tensor) -> Tensor:
+        return torch.einsum("u,urk->rk", x, self.A)
+
+    def SB(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._Bhat(x).T @ self._Bhat(y)
+
+    def SA(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._Ahat(x) @ self._Ahat(y).T
+
+    def Hp(self, q: Tensor) -> Tensor:
+        Y = torch.einsum("udr,rs->uds", self.B, _psd_root(self.SA(q, q))).flatten(1)
+        return Y @ Y.T
+
+    def Hq(self, p: Tensor) -> Tensor:
+        Z = torch.einsum("rs,urk->usk", _psd_root(self.SB(p, p)).T, self.A).flatten(1)
+        return Z @ Z.T
+
+    def E(self, p: Tensor) -> Tensor:
+        return torch.einsum("di,udj->uij", self._Bhat(p), self.B)
+
+    def F(self, q: Tensor) -> Tensor:
+        return torch.einsum("ik,ujk->uij", self._Ahat(q), self.A)
+
+
+def _psd_root(S: Tensor) -> Tensor:
+    """L with L Lᵀ = S for a symmetric PSD S."""
+    lam, V = torch.linalg.eigh(S)
+    return V * lam.clamp_min(0).sqrt()
+
+
+class SumOracle(Oracle):
+    """Σ_m f_m(p, q): one (p, q) shared by all modules (``method.shared_coefficients = true``)."""
+
+    def __init__(self, parts: Sequence[Oracle]) -> None:
+        self.parts = list(parts)
+        self.U = parts[0].U
+        self.N = sum((o.N for o in parts), torch.zeros(self.U, self.U, dtype=F64))
+        self.m2 = sum(o.m2 for o in parts)
+
+    def f(self, p: Tensor, q: Tensor) -> float:
+        return sum(o.f(p, q) for o in self.parts)
+
+    def grad_hess(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        gs, Hs = zip(*(o.grad_hess(p, q) for o in self.parts), strict=True)
+        return sum(gs), sum(Hs)  # type: ignore[return-value]
+
+    def quartic(self, p: Tensor, q: Tensor, dp: Tensor, dq: Tensor) -> np.ndarray:
+        return sum(o.quartic(p, q, dp, dq) for o in self.parts)  # type: ignore[return-value]
+
+    def traces(self, p: Tensor, q: Tensor) -> tuple[float, float]:
+        tb, ta = zip(*(o.traces(p, q) for o in self.parts), strict=True)
+        return sum(tb), sum(ta)
+
+    def Hp(self, q: Tensor) -> Tensor:
+        return sum(o.Hp(q) for o in self.parts)  # type: ignore[return-value]
+
+    def Hq(self, p: Tensor) -> Tensor:
+        return sum(o.Hq(p) for o in self.parts)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Coefficients, the objective at them and at FedIT, and the work done."""
+
+    p: Tensor
+    q: Tensor
+    f: float
+    f_fedit: float
+    iterations: int
+
+
+def _lstsq(H: Tensor, h: Tensor, ridge: float) -> Tensor:
+    """argmin ‖H x − h‖ with optional ridge; the pseudo-inverse handles singular H (coinciding clients)."""
+    if ridge > 0:
+        H = H + ridge * torch.eye(H.shape[0], dtype=H.dtype) * max(float(H.diagonal().abs().max()), 1e-300)
+    return torch.linalg.pinv(H, hermitian=True, rtol=1e-13) @ h
+
+
+def als_sweep(o: Oracle, p: Tensor, q: Tensor, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One sweep: p ← H_p(q)⁺ N q, then q ← H_q(p)⁺ Nᵀ p. Each half-step is an exact minimisation."""
+    p = _lstsq(o.Hp(q), o.N @ q, ridge)
+    q = _lstsq(o.Hq(p), o.N.T @ p, ridge)
+    return p, q
+
+
+def _line_search(o: Oracle, p: Tensor, q: Tensor, dp: Tensor, dq: Tensor) -> float:
+    """The exact minimiser of the quartic f(α) over α ≥ 0 and α = 0 (roots of the cubic f′)."""
+    c = o.quartic(p, q, dp, dq)
+    deriv = [4 * c[4], 3 * c[3], 2 * c[2], c[1]]
+    roots = [float(z.real) for z in np.roots(deriv) if abs(z.imag) < 1e-9 * (1 + abs(z.real))] if any(deriv) else []
+    cands = [0.0, 1.0, *roots]
+    values = [np.polyval(c[::-1], a) for a in cands]
+    return cands[int(np.argmin(values))]
+
+
+def _newton_step(o: Oracle, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """Saddle-free Newton direction: −V |Λ|⁻¹ Vᵀ g, with |λ| < 1e-13·max treated as null."""
+    g, H = o.grad_hess(p, q)
+    lam, V = torch.linalg.eigh(H)
+    keep = lam.abs() > NULL_EIG * lam.abs().max()
+    step = -(V[:, keep] @ ((V[:, keep].T @ g) / lam[keep].abs()))
+    return step[: o.U], step[o.U :]
+
+
+def _balance(o: Oracle, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """Gauge (p, q) → (c p, q / c) with ‖B̂‖ = ‖Â‖; f is unchanged, the Hessian better conditioned."""
+    tb, ta = o.traces(p, q)
+    if tb <= 0 or ta <= 0:
+        return p, q
+    c = (ta / tb) ** 0.25
+    return p * c, q / c
+
+
+def solve(
+    o: Oracle,
+    w: Tensor,
+    solver: str = "newton",
+    max_iter: int = 100,
+    tol: float = 1e-12,
+    ridge: float = 0.0,
+) -> Solution:
+    """Minimise f from FedIT (p = q = w); never returns a point worse than FedIT."""
+    p = q = w.to(F64)
+    f0 = o.f(p, q)
+    best = (f0, p, q)
+    its = 0
+    prev = f0
+    for its in range(1, max_iter + 1):
+        if solver == "als" or (solver == "newton" and its <= 2):
+            p, q = als_sweep(o, p, q, ridge)
+        elif solver == "newton":
+            p, q = _balance(o, p, q)
+            dp, dq = _newton_step(o, p, q)
+            alpha = _line_search(o, p, q, dp, dq)
+            if alpha == 0.0:
+                break
+            p, q = p + alpha * dp, q + alpha * dq
+        else:
+            raise ValueError(f"method.solver = {solver!r}: expected 'newton', 'als' or 'adam'")
+        fv = o.f(p, q)
+        if fv < best[0]:
+            best = (fv, p, q)
+        scale = max(o.m2, 1e-300)
+        if prev - fv <= tol * scale and its > 2:
+            break
+        prev = fv
+    f, p, q = best
+    return Solution(p, q, f, f0, its)
+
+
+def solve_adam(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], t: Tensor, w: Tensor, steps: int = 500, lr: float | None = None
+) -> tuple[Solution, list[float]]:
+    """The straightforward baseline: Adam on (p, q) over dense fp32 d×k products. Returns the best point and the
+    objective after every step (for the benchmark's time-to-target)."""
+    B = torch.stack([b.float() for b in Bs])  # (U, d, r)
+    A = torch.stack([a.float() for a in As])  # (U, r, k)
+    M = torch.einsum("u,udr,urk->dk", t.float(), B, A)
+    p = w.float().clone().requires_grad_(True)
+    q = w.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([p, q], lr=lr if lr is not None else 0.1 / len(Bs))
+
+    def objective() -> Tensor:
+        return ((torch.einsum("u,udr->dr", p, B) @ torch.einsum("u,urk->rk", q, A) - M) ** 2).sum()
+
+    with torch.no_grad():
+        f0 = float(objective())
+    best = (f0, w.to(F64), w.to(F64))
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        opt.step()
+        fv = float(loss)
+        history.append(fv)
+        if fv < best[0]:
+            best = (fv, p.detach().to(F64).clone(), q.detach().to(F64).clone())
+    return Solution(best[1], best[2], best[0], f0, steps), history
+
+
+def gauge(o: Oracle, p: Tensor, q: Tensor, w: Tensor, rule: str) -> tuple[Tensor, Tensor]:
+    """Fix the free scale c of (c p, q / c).
+
+    "fedit_ratio": ‖B̂‖_F / ‖Â‖_F equals FedIT's ratio ‖Σ w B‖ / ‖Σ w A‖ (default, conventions.md §3);
+    "balanced": ‖B̂‖_F = ‖Â‖_F.
+    """
+    tb, ta = o.traces(p, q)
+    if tb <= 0 or ta <= 0:
+        return p, q
+    if rule == "fedit_ratio":
+        wb, wa = o.traces(w.to(F64), w.to(F64))
+        target = math.sqrt(wb / wa) if wa > 0 and wb > 0 else 1.0
+    elif rule == "balanced":
+        target = 1.0
+    else:
+        raise ValueError(f"method.gauge = {rule!r}: expected 'fedit_ratio' or 'balanced'")
+    c = math.sqrt(target / math.sqrt(tb / ta))
+    return p * c, q / c

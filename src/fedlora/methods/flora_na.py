@@ -1,0 +1,136 @@
+"""FLoRA-NA (Nguyen et al., "Communication-Efficient and Accurate Approach for Aggregation in Federated Low-Rank
+Adaptation", arXiv 2509.26399).
+
+Server step, per adapted module (or with one (p, q) shared by all modules):
+
+    (p, q) = argmin ‖(Σ_u p_u B̃_u)(Σ_v q_v A_v) − M‖_F,   M = Σ_u t_u B̃_u A_u,
+    broadcast B̂ = Σ_u p_u B̃_u,  Â = Σ_v q_v A_v,
+
+at FedIT's communication cost; the residual M − B̂Â is discarded (folding it into W0 would be FedEx-LoRA).
+
+fedlora's reading where the paper is silent (methods.md §1.2–1.3, conventions.md §3):
+* target t = w (weighted mean, default) or U·w (``target = "sum"``, what the abstract writes);
+* solver: Gram blocks in float64, 2 ALS sweeps from FedIT, then saddle-free Newton with an exact quartic line
+  search (``solver = "newton"``); ``"als"`` and ``"adam"`` (dense baseline) for comparison. All start from FedIT
+  (p = q = w) and never return a worse point;
+* gauge: (p, q) → (c p, q / c) leaves B̂Â unchanged; c makes ‖B̂‖/‖Â‖ equal FedIT's ratio (default) or 1;
+* heterogeneous ranks: zero-pad to r_max and truncate on download (an extension the paper does not claim);
+* route: Gram blocks while U·r ≤ 1.5·min(d, k), the factor-space oracle beyond (same optimum).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fedlora.coefficients import (
+    FactorOracle,
+    GramOracle,
+    Oracle,
+    Solution,
+    SumOracle,
+    gauge,
+    solve,
+    solve_adam,
+)
+from fedlora.methods import register
+from fedlora.methods.base import Aggregated, Capabilities, FactorMethod, target_weights
+from fedlora.methods.fedit import pad_to_max_rank
+from fedlora.types import Adapter, LowRank
+
+ROUTE_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class FLoRANAParams:
+    """Hyperparameters (``method.*``) of FLoRA-NA."""
+
+    solver: Literal["newton", "als", "adam"] = "newton"
+    target: Literal["weighted_mean", "sum"] = "weighted_mean"
+    shared_coefficients: bool = False
+    gauge: Literal["fedit_ratio", "balanced"] = "fedit_ratio"
+    route: Literal["auto", "gram", "factor"] = "auto"
+    max_iter: int = 100
+    tol: float = 1e-12
+    ridge: float = 0.0
+    adam_steps: int = 500
+
+    def __post_init__(self) -> None:
+        choices = {
+            "solver": ("newton", "als", "adam"),
+            "target": ("weighted_mean", "sum"),
+            "gauge": ("fedit_ratio", "balanced"),
+            "route": ("auto", "gram", "factor"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"method.{key} = {getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        for key in ("max_iter", "adam_steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"method.{key} = {getattr(self, key)!r}: expected an integer >= 1")
+        if not self.tol >= 0 or not self.ridge >= 0:
+            raise ValueError(f"method.tol = {self.tol}, method.ridge = {self.ridge}: expected values >= 0")
+
+
+CAPABILITIES = Capabilities(
+    exact=False,
+    heterogeneous_ranks="zero-pad",
+    writes_base=False,
+    personalised=False,
+    per_client_download=False,
+    secure_aggregation=False,
+    uplink="r(d+k)",
+    downlink="r(d+k)",
+    paper="Nguyen et al., arXiv 2509.26399",
+)
+
+
+def oracle(Bs: Sequence[Tensor], As: Sequence[Tensor], t: Tensor, route: str = "auto") -> Oracle:
+    """The Gram oracle while n = U·r ≤ 1.5·min(d, k), the factor-space oracle beyond (or as forced)."""
+    n, d, k = len(Bs) * Bs[0].shape[1], Bs[0].shape[0], As[0].shape[1]
+    if route == "gram" or (route == "auto" and n <= ROUTE_RATIO * min(d, k)):
+        return GramOracle(Bs, As, t)
+    return FactorOracle(Bs, As, t)
+
+
+def _solve(o: Oracle, w: Tensor, params: FLoRANAParams) -> Solution:
+    return solve(o, w, params.solver, params.max_iter, params.tol, params.ridge)
+
+
+def _combine(Bs: Sequence[Tensor], As: Sequence[Tensor], p: Tensor, q: Tensor) -> LowRank:
+    B = torch.einsum("u,udr->dr", p, torch.stack([b.to(torch.float64) for b in Bs]))
+    A = torch.einsum("u,urk->rk", q, torch.stack([a.to(torch.float64) for a in As]))
+    return LowRank(B.to(Bs[0].dtype), A.to(As[0].dtype))
+
+
+def flora_na(adapters: Sequence[Adapter], weights: Tensor, params: FLoRANAParams) -> Aggregated:
+    padded = pad_to_max_rank(adapters)
+    t = target_weights(weights, params)
+    w = weights.to(torch.float64)
+    factors = {m: ([a[m].B for a in padded], [a[m].A for a in padded]) for m in padded[0]}
+    if params.solver == "adam":
+        solutions = {m: solve_adam(Bs, As, t, w, params.adam_steps)[0] for m, (Bs, As) in factors.items()}
+        oracles = {m: oracle(Bs, As, t, params.route) for m, (Bs, As) in factors.items()}
+    else:
+        oracles = {m: oracle(Bs, As, t, params.route) for m, (Bs, As) in factors.items()}
+        if params.shared_coefficients:
+            shared = _solve(SumOracle(list(oracles.values())), w, params)
+            solutions = dict.fromkeys(oracles, shared)
+        else:
+            solutions = {m: _solve(o, w, params) for m, o in oracles.items()}
+    adapter, diagnostics = {}, {}
+    for m, (Bs, As) in factors.items():
+        sol = solutions[m]
+        p, q = gauge(oracles[m], sol.p, sol.q, w, params.gauge)
+        adapter[m] = _combine(Bs, As, p, q)
+        diagnostics[m] = {"p": p.tolist(), "q": q.tolist(), "iterations": sol.iterations}
+    return Aggregated(adapter=adapter, diagnostics=diagnostics)
+
+
+@register("flora_na", FLoRANAParams, CAPABILITIES)
+def build(params: FLoRANAParams) -> FactorMethod:
+    return FactorMethod("flora_na", CAPABILITIES, flora_na, params)

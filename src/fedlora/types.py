@@ -1,0 +1,193 @@
+"""Values exchanged between the math, the methods and the edges (PEFT, Flower, the runner).
+
+Everything here is a frozen dataclass over tensors. Inside fedlora every adapter update is held in the
+*canonical form* of conventions.md §2: per adapted module, ΔW = B̃ A in (out, in) orientation, with the LoRA
+scale folded into B̃ = s·B (s = α/r, or α/√r with rsLoRA; s = 1 for HiRA). GPT-2 Conv1D layouts are
+transposed at the PEFT edge (``fedlora.peft_io``) and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Factor = Literal["A", "B"]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """One module's update ΔW = B @ A in canonical form.
+
+    B: (d, r) with the LoRA scale folded in; A: (r, k). d = out_features, k = in_features.
+    """
+
+    B: Tensor
+    A: Tensor
+
+    def __post_init__(self) -> None:
+        if self.B.ndim != 2 or self.A.ndim != 2:
+            raise ValueError(f"LowRank needs 2-D factors, got B{tuple(self.B.shape)} and A{tuple(self.A.shape)}")
+        if self.B.shape[1] != self.A.shape[0]:
+            raise ValueError(
+                f"LowRank rank mismatch: B is {tuple(self.B.shape)} (d, r) but A is {tuple(self.A.shape)} (r, k)"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape (d, k) of the dense update."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def dense(self) -> Tensor:
+        """ΔW = B A, (d, k). For tests and edges only: the math never needs it."""
+        return self.B @ self.A
+
+    def truncate(self, rank: int) -> LowRank:
+        """Keep the first ``rank`` components (B's columns, A's rows)."""
+        return LowRank(self.B[:, :rank], self.A[:rank, :])
+
+    def pad(self, rank: int) -> LowRank:
+        """Zero-pad to ``rank`` (B gets zero columns, A zero rows); ΔW is unchanged."""
+        extra = rank - self.rank
+        if extra < 0:
+            raise ValueError(f"cannot pad a rank-{self.rank} update down to rank {rank}")
+        if extra == 0:
+            return self
+        B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], extra)], dim=1)
+        A = torch.cat([self.A, self.A.new_zeros(extra, self.A.shape[1])], dim=0)
+        return LowRank(B, A)
+
+    def scaled(self, c: float) -> LowRank:
+        """c·ΔW, with the factor applied to B."""
+        return LowRank(self.B * c, self.A)
+
+
+Adapter = Mapping[str, LowRank]
+"""Module path (as ``fedlora.peft_io`` names it) -> canonical update."""
+
+
+@dataclass(frozen=True)
+class BaseEdit:
+    """A delta added to frozen base weights: W0[m] += left[m] @ right[m] in (out, in) orientation.
+
+    ``version`` is the round that produced it; a client replays every edit newer than the last it applied, so
+    clients that skip rounds catch up (methods.md §19.7). A module's delta travels factored (``factored``) when
+    that is smaller than dense, and as a dense (d, k) tensor (``dense``) otherwise.
+    """
+
+    version: int
+    factored: Mapping[str, LowRank] = field(default_factory=dict)
+    dense: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def modules(self) -> set[str]:
+        return set(self.factored) | set(self.dense)
+
+    def delta(self, module: str) -> Tensor:
+        """The dense (d, k) delta of one module (edges and tests only)."""
+        if module in self.dense:
+            return self.dense[module]
+        return self.factored[module].dense()
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What travels in one direction for one client: named tensors plus small scalars.
+
+    Communication is measured from payloads, never assumed: ``nbytes`` counts every tensor at its dtype,
+    including sparse indices and base edits.
+    """
+
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    meta: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class Regularizer:
+    """A named training-time penalty added to the client's loss (e.g. HetLoRA's tail-rank norm)."""
+
+    name: str
+    params: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """A client's instructions for one round, as data: the shared training loop reads it, methods never
+    subclass a trainer.
+
+    rank: the adapter rank to train this round.
+    adapter: initial canonical factors per module, or None for a fresh PEFT initialisation (A Kaiming, B = 0).
+    extras: initial values of fully trained tensors (the classifier head); those absent keep the local value.
+    base_edits: deltas to add to the frozen base weights before training, in version order.
+    trainable: which LoRA factors receive gradients.
+    regularizer: an optional named penalty.
+    """
+
+    rank: int
+    adapter: Adapter | None
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+    base_edits: tuple[BaseEdit, ...] = ()
+    trainable: frozenset[Factor] = frozenset({"A", "B"})
+    regularizer: Regularizer | None = None
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One client's reply as the server sees it: who, its normalised aggregation weight, its upload."""
+
+    client: int
+    weight: float
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class ModuleError:
+    """Aggregation error of one module, relative to the ideal update M = Σ w_u B̃_u A_u.
+
+    divergence: ‖M − ΔW_applied‖_F / ‖M‖_F (0 for exact methods).
+    eckart_young: ‖M − M_r‖_F / ‖M‖_F with M_r the best update of the broadcast rank r.
+    fedit: the divergence FedIT's ΣwB·ΣwA would have (the reference every method is compared with).
+    ideal_norm: ‖M‖_F.
+    """
+
+    divergence: float
+    eckart_young: float
+    fedit: float
+    ideal_norm: float
+
+
+@dataclass(frozen=True)
+class AggregationReport:
+    """What every aggregation measures: per-module and overall errors, bytes per client each way."""
+
+    modules: Mapping[str, ModuleError]
+    bytes_up: Mapping[int, int] = field(default_factory=dict)
+    bytes_down: Mapping[int, int] = field(default_factory=dict)
+
+    def _overall(self, attr: str) -> float:
+        num = sum((getattr(e, attr) * e.ideal_norm) ** 2 for e in self.modules.values())
+        den = sum(e.ideal_norm**2 for e in self.modules.values())
+        return float((num / den) ** 0.5) if den > 0 else 0.0
+
+    @property
+    def divergence(self) -> float:
+        """Overall relative divergence: sqrt(Σ_m ‖M_m − ΔW_m‖²) / sqrt(Σ_m ‖M_m‖²)."""
+        return self._overall("divergence")
+
+    @property
+    def eckart_young(self) -> float:
+        return self._overall("eckart_young")
+
+    @property
+    def fedit(self) -> float:
+        return self._overall("fedit")
