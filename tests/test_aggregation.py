@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
-from conftest import RawClient, ideal, make_clients
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import RawClient, ideal, make_clients
 from fedlora import methods
-from fedlora.methods.base import ClientInfo, ModuleSpec
+from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.payload import pack_adapter
 from fedlora.types import Contribution, LowRank, Payload
 
@@ -27,7 +27,7 @@ def run_round(name: str, clients: list[RawClient], weights: torch.Tensor, params
     """One aggregation through the Method API; returns the method, new state, report."""
     method = methods.build(name, params)
     specs = {m: ModuleSpec(*shape) for m, shape in _shapes(clients).items()}
-    state = method.init_server(specs, max(c.rank for c in clients), seed=0)
+    state = method.init_server(ModelInfo(specs, max(c.rank for c in clients)), seed=0)
     contributions = [
         Contribution(i, float(w), Payload(pack_adapter(c.canonical())))
         for i, (w, c) in enumerate(zip(weights, clients, strict=True))
@@ -159,7 +159,9 @@ def test_golden_gauge_copies_flora_na_exact_fedit_closed_form():
     _, _, na = run_round("flora_na", clients, w)
     _, _, fedit = run_round("fedit", clients, w)
     # FedIT gives (Σ w c)(Σ w / c)·BA, so its relative error is exactly (Σ w c)(Σ w / c) − 1.
-    expected = float(sum(wu * c for wu, c in zip(w, cs, strict=True)) * sum(wu / c for wu, c in zip(w, cs, strict=True)))
+    expected = float(
+        sum(wu * c for wu, c in zip(w, cs, strict=True)) * sum(wu / c for wu, c in zip(w, cs, strict=True))
+    )
     assert fedit.divergence == pytest.approx(expected - 1, rel=1e-6)
     assert expected - 1 > 0.5
     assert na.divergence < 1e-6
@@ -178,7 +180,7 @@ def test_golden_flexlora_on_known_singular_values():
     c0 = RawClient({"q": (c0.factors["q"][0] * 2 / 3, c0.factors["q"][1])}, alpha=3.0, rank=2, rslora=False)
     c1 = RawClient({"q": (c1.factors["q"][0] * 2 / 3, c1.factors["q"][1])}, alpha=3.0, rank=2, rslora=False)
     w = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    method, state, report = run_round("flexlora", [c0, c1], w)
+    _method, state, report = run_round("flexlora", [c0, c1], w)
     M = (Uo * sigma) @ Vo.T
     got = state.adapter["q"].dense().double()
     assert float((M - got).norm()) == pytest.approx(5.0, rel=1e-9)
@@ -190,7 +192,7 @@ def test_golden_flexlora_on_known_singular_values():
 def test_golden_flora_stack_two_clients_by_hand():
     c = make_clients({"q": (4, 3)}, [1, 2], alpha=5.0, seed=7)
     w = torch.tensor([0.25, 0.75], dtype=torch.float64)
-    method, state, _ = run_round("flora", c, w)
+    _method, state, _ = run_round("flora", c, w)
     (edit,) = state.base_edits
     by_hand = 0.25 * (5.0 / 1) * c[0].factors["q"][0] @ c[0].factors["q"][1]
     by_hand = by_hand + 0.75 * (5.0 / 2) * c[1].factors["q"][0] @ c[1].factors["q"][1]
@@ -215,7 +217,7 @@ def test_identical_clients_give_back_that_clients_update(name):
     one = make_clients(SHAPES, [3], alpha=11.0, seed=5)[0]
     clients = [one] * 3
     w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
-    method, state, report = run_round(name, clients, w)
+    method, state, _report = run_round(name, clients, w)
     for m in SHAPES:
         got = effective_update(method, state, 0, 3, m)
         assert torch.allclose(got, one.delta(m), rtol=1e-6, atol=1e-9), (name, m)
@@ -243,8 +245,10 @@ def test_inputs_are_never_mutated(name):
     method = methods.build(name)
     canon = [c.canonical() for c in clients]
     canon_before = copy.deepcopy(canon)
-    contributions = [Contribution(i, float(wu), Payload(pack_adapter(a))) for i, (wu, a) in enumerate(zip(w, canon))]
-    method.aggregate(method.init_server({}, 3, 0), contributions, 1)
+    contributions = [
+        Contribution(i, float(wu), Payload(pack_adapter(a))) for i, (wu, a) in enumerate(zip(w, canon, strict=False))
+    ]
+    method.aggregate(method.init_server(ModelInfo({}, 3), 0), contributions, 1)
     for a, b in zip(canon, canon_before, strict=True):
         for m in a:
             assert torch.equal(a[m].A, b[m].A) and torch.equal(a[m].B, b[m].B)
@@ -278,7 +282,7 @@ def test_flora_na_shared_coefficients_is_no_better_than_per_module():
 def test_flora_na_sum_target_scales_identical_clients_by_u():
     one = make_clients(SHAPES, [2], alpha=3.0, seed=13)[0]
     w = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
-    method, state, report = run_round("flora_na", [one] * 3, w, {"target": "sum"})
+    _method, state, report = run_round("flora_na", [one] * 3, w, {"target": "sum"})
     for m in SHAPES:
         assert torch.allclose(state.adapter[m].dense().double(), 3 * one.delta(m), rtol=1e-6)
     assert report.divergence < 1e-6

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_clients
 
+from conftest import make_clients
 from fedlora import methods
-from fedlora.methods.base import ClientInfo
+from fedlora.methods.base import ClientInfo, ModelInfo
 from fedlora.payload import pack_adapter
 from fedlora.types import Contribution, LowRank, Payload
 from fedlora.validation import normalize_weights
@@ -55,7 +55,7 @@ def _contribs(adapters, weights=None):
 
 def _agg(name, adapters, weights=None):
     method = methods.build(name)
-    return method.aggregate(method.init_server({}, 2, 0), _contribs(adapters, weights), 1)
+    return method.aggregate(method.init_server(ModelInfo({}, 2), 0), _contribs(adapters, weights), 1)
 
 
 def test_mismatched_module_sets_name_the_client_and_modules():
@@ -97,7 +97,7 @@ def test_payload_with_only_one_factor_is_refused():
     method = methods.build("fedit")
     payload = Payload({"lora.q.A": a["q"].A})
     with pytest.raises(ValueError, match=r"client 0: modules \['q'\] carry only one"):
-        method.aggregate(method.init_server({}, 2, 0), [Contribution(0, 1.0, payload)], 1)
+        method.aggregate(method.init_server(ModelInfo({}, 2), 0), [Contribution(0, 1.0, payload)], 1)
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_head_is_averaged_with_the_aggregation_weights():
         Contribution(i, w, Payload(pack_adapter(ad) | {"extra.classifier.weight": h}))
         for i, (w, ad, h) in enumerate(zip([0.25, 0.75], [a, b], heads, strict=True))
     ]
-    state, report = method.aggregate(method.init_server({}, 2, 0), contribs, 1)
+    state, report = method.aggregate(method.init_server(ModelInfo({}, 2), 0), contribs, 1)
     assert torch.allclose(state.extras["classifier.weight"], 2.5 * torch.ones(2, 3))
     assert report.bytes_up[0] == 8 * 2 * (4 + 3) + 4 * 6  # float64 factors, float32 head
     plan, _ = method.prepare(None, method.broadcast(state, ClientInfo(0, 2), 2), ClientInfo(0, 2), 2)

@@ -50,6 +50,7 @@ __all__ = [
     "dump_toml",
     "from_flat",
     "load_config",
+    "parse_value",
     "to_dict",
     "to_flat",
     "with_overrides",
@@ -317,7 +318,7 @@ def _coerce(value: Any, hint: Any) -> Any:
     fit. Booleans are not ints, floats must be finite."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        if isinstance(value, str) and value in args:
+        if value in args:
             return value
     elif origin is types.UnionType:  # X | None
         return None if value is None else _coerce(value, args[0])
@@ -424,8 +425,10 @@ def _put(tree: dict[str, Any], key: str, value: Any) -> None:
     parent[leaf] = value
 
 
-def _literal(text: str) -> Any:
-    """``text`` parsed as a TOML value (``0.1``, ``true``, ``[4, 8]``, ``"x"``), else the bare string (``fedit``)."""
+def parse_value(text: str) -> Any:
+    """The value of an override: ``text`` (stripped) parsed as a TOML literal (``0.1``, ``true``, ``[4, 8]``,
+    ``"x"``), else the bare string (``fedit``)."""
+    text = text.strip()
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -436,7 +439,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected key=value, e.g. data.alpha=0.1")
-    return key.strip(), _literal(value.strip())
+    return key.strip(), parse_value(value)
 
 
 def _replaced(tree: dict[str, Any], overrides: Mapping[str, Any]) -> Iterator[str]:

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Literal
 import datasets
 import huggingface_hub.constants
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
 import torch
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, PathologicalPartitioner
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
 Partition = Literal["iid", "dirichlet", "pathological"]
 
-PACKAGED_PREFIX = "fedlora:"
+_PACKAGED_PREFIX = "fedlora:"
 _COMPRESSIONS = frozenset({".bz2", ".gz", ".xz", ".zip", ".zst"})
 
 
@@ -93,10 +92,16 @@ class FederatedData:
 def load_dataset(name: str, text_column: str = "text", label_column: str = "label") -> TextDataset:
     """Load ``name`` (see the module docstring) as a :class:`TextDataset`.
 
-    The columns apply to local files and Hugging Face datasets; the packaged datasets have fixed columns.
+    The columns name the text and label columns of a local file or Hugging Face dataset (the packaged datasets
+    have ``text`` and ``label``).
     String labels are mapped to ids in sorted order; integer labels must already be ``0 .. C-1``.
     """
-    if name.startswith(PACKAGED_PREFIX):
+    if name.startswith(_PACKAGED_PREFIX):
+        if (text_column, label_column) != ("text", "label"):
+            raise DataError(
+                f"data.dataset={name!r} is packaged with the columns 'text' and 'label'; leave "
+                f"data.text_column and data.label_column unset (got {text_column!r}, {label_column!r})"
+            )
         return _load_packaged(name)
     path = Path(name)
     if _file_format(path) is not None or path.is_file():
@@ -287,69 +292,97 @@ def federate(
     """Split off a global test set, partition the rest over ``num_clients``, split each client's part.
 
     Every random choice derives from ``seed``. ``alpha`` and ``min_partition_size`` apply to ``dirichlet``,
-    ``labels_per_client`` to ``pathological`` (labels assigned deterministically, ``(client + i) mod C``, over
-    a seeded permutation of the labels). Raises :class:`DataError` if any client would get no training
+    ``labels_per_client`` to ``pathological``. Raises :class:`DataError` if any client would get no training
     example.
     """
-    _check_arguments(len(ds), num_clients, partition, test_fraction, local_test_fraction)
+    scheme = _Scheme(partition, alpha, labels_per_client, min_partition_size)
+    scheme.check(len(ds.label_names))
+    _check_sizes(num_clients, test_fraction, local_test_fraction)
     rng = np.random.default_rng(seed)
     train, test = _split(ds, test_fraction, rng)  # train comes out shuffled, so IID blocks are random
-    settings = _describe(partition, alpha, labels_per_client, min_partition_size)
-    if num_clients > len(train):
+    needed = num_clients * scheme.min_size
+    if len(train) < needed:
         raise DataError(
-            f"{settings}: {num_clients} clients share only {len(train)} training examples ({len(ds)} "
-            f"examples, data.test_fraction={test_fraction}), so at least {num_clients - len(train)} clients "
-            f"would have no training example; use at most {len(train)} clients (data.num_clients) or more data"
+            f"{scheme}: data.num_clients={num_clients} needs at least {needed} training examples, but "
+            f"{len(ds)} examples with data.test_fraction={test_fraction} leave {len(train)}; use "
+            f"{scheme.remedy}, or more data"
         )
-    num_labels = len(ds.label_names)
-    label_order = rng.permutation(num_labels) if partition == "pathological" else np.arange(num_labels)
-    partitioner = _partitioner(partition, num_clients, alpha, labels_per_client, min_partition_size, seed)
     clients = []
-    for client, indices in enumerate(_partition(train, partitioner, num_clients, label_order, settings)):
+    for client, indices in enumerate(_partition(train, num_clients, scheme, rng)):
         local_train, local_test = _split(train.subset(indices), local_test_fraction, rng)
         if not local_train:
-            raise DataError(_empty_client_message(client, len(indices), settings, partition, local_test_fraction))
+            raise DataError(
+                f"client {client} has no training example under {scheme}: its partition holds {len(indices)} "
+                f"examples, and data.local_test_fraction={local_test_fraction} leaves none for training; use "
+                f"{scheme.remedy}, or a smaller data.local_test_fraction"
+            )
         clients.append((local_train, local_test))
     return FederatedData(test, clients, ds.label_names)
 
 
-def _check_arguments(
-    size: int, num_clients: int, partition: str, test_fraction: float, local_test_fraction: float
-) -> None:
-    allowed = typing.get_args(Partition)
-    if partition not in allowed:
-        raise DataError(f"data.partition={partition!r} is not one of {list(allowed)}")
+def _check_sizes(num_clients: int, test_fraction: float, local_test_fraction: float) -> None:
     if num_clients < 1:
         raise DataError(f"data.num_clients={num_clients} must be at least 1")
     for key, value in (("data.test_fraction", test_fraction), ("data.local_test_fraction", local_test_fraction)):
         if not 0 <= value < 1:
             raise DataError(f"{key}={value} must be in [0, 1)")
-    if size == 0:
-        raise DataError("the dataset is empty")
 
 
-def _describe(partition: str, alpha: float, labels_per_client: int, min_partition_size: int) -> str:
-    """The partition settings that matter, for error messages."""
-    if partition == "dirichlet":
-        return f"data.partition='dirichlet' (data.alpha={alpha}, data.min_partition_size={min_partition_size})"
-    if partition == "pathological":
-        return f"data.partition='pathological' (data.labels_per_client={labels_per_client})"
-    return f"data.partition={partition!r}"
+@dataclass(frozen=True)
+class _Scheme:
+    """A partition scheme and the settings that apply to it."""
+
+    partition: str
+    alpha: float
+    labels_per_client: int
+    min_partition_size: int
+
+    def __str__(self) -> str:
+        if self.partition == "dirichlet":
+            settings = f"data.alpha={self.alpha}, data.min_partition_size={self.min_partition_size}"
+            return f"data.partition='dirichlet' ({settings})"
+        if self.partition == "pathological":
+            return f"data.partition='pathological' (data.labels_per_client={self.labels_per_client})"
+        return f"data.partition={self.partition!r}"
+
+    @property
+    def min_size(self) -> int:
+        """Examples every client's partition must have."""
+        return max(1, self.min_partition_size) if self.partition == "dirichlet" else 1
+
+    @property
+    def remedy(self) -> str:
+        """What to change when a client gets too little data."""
+        if self.partition == "dirichlet":
+            return "fewer clients (data.num_clients), a larger data.alpha or another data.min_partition_size"
+        if self.partition == "pathological":
+            return "fewer clients (data.num_clients) or a larger data.labels_per_client"
+        return "fewer clients (data.num_clients)"
+
+    def check(self, num_labels: int) -> None:
+        allowed = typing.get_args(Partition)
+        if self.partition not in allowed:
+            raise DataError(f"data.partition={self.partition!r} is not one of {list(allowed)}")
+        if self.partition == "dirichlet" and not (self.alpha > 0 and self.min_partition_size >= 0):
+            raise DataError(f"{self}: data.alpha must be > 0 and data.min_partition_size >= 0")
+        if self.partition == "pathological" and not 1 <= self.labels_per_client <= num_labels:
+            raise DataError(f"{self}: data.labels_per_client must be in 1..{num_labels} (the dataset's labels)")
+
+    def partitioner(self, num_clients: int, seed: int) -> Partitioner:
+        """A fresh flwr-datasets partitioner over the column ``label``."""
+        if self.partition == "iid":
+            return IidPartitioner(num_clients)
+        if self.partition == "dirichlet":
+            return DirichletPartitioner(
+                num_clients, "label", float(self.alpha), min_partition_size=self.min_partition_size, seed=seed
+            )
+        return PathologicalPartitioner(
+            num_clients, "label", self.labels_per_client, class_assignment_mode="deterministic", seed=seed
+        )
 
 
-def _empty_client_message(
-    client: int, partition_size: int, settings: str, partition: str, local_test_fraction: float
-) -> str:
-    remedies = {
-        "iid": "fewer clients (data.num_clients)",
-        "dirichlet": "fewer clients (data.num_clients), a larger data.alpha or a larger data.min_partition_size",
-        "pathological": "fewer clients (data.num_clients) or a larger data.labels_per_client",
-    }
-    return (
-        f"client {client} has no training example under {settings}: its partition holds {partition_size} "
-        f"examples, and data.local_test_fraction={local_test_fraction} leaves none for training; use "
-        f"{remedies[partition]}, or a smaller data.local_test_fraction"
-    )
+_DIRICHLET_RESTARTS = 20
+"""Fresh Dirichlet partitioners to try; each draws up to 11 times for ``min_partition_size`` itself."""
 
 
 def _split(ds: TextDataset, test_fraction: float, rng: np.random.Generator) -> tuple[TextDataset, TextDataset]:
@@ -359,44 +392,30 @@ def _split(ds: TextDataset, test_fraction: float, rng: np.random.Generator) -> t
     return ds.subset(order[num_test:]), ds.subset(order[:num_test])
 
 
-def _partitioner(
-    partition: str, num_clients: int, alpha: float, labels_per_client: int, min_partition_size: int, seed: int
-) -> Partitioner:
-    if partition == "iid":
-        return IidPartitioner(num_clients)
-    if partition == "dirichlet":
-        return DirichletPartitioner(
-            num_clients, partition_by="label", alpha=float(alpha), min_partition_size=min_partition_size, seed=seed
-        )
-    return PathologicalPartitioner(
-        num_clients,
-        partition_by="label",
-        num_classes_per_partition=labels_per_client,
-        class_assignment_mode="deterministic",
-        seed=seed,
-    )
+def _partition(train: TextDataset, num_clients: int, scheme: _Scheme, rng: np.random.Generator) -> list[list[int]]:
+    """Indices into ``train`` of every client's partition.
 
-
-def _partition(
-    train: TextDataset,
-    partitioner: Partitioner,
-    num_clients: int,
-    label_order: npt.NDArray[np.int64],
-    settings: str,
-) -> list[list[int]]:
-    """Indices into ``train`` of every partition. The partitioner sees label ``label_order[y]`` for label y."""
-    partitioner.dataset = datasets.Dataset.from_dict(
-        {"label": label_order[train.labels].tolist(), "index": list(range(len(train)))}
-    )
-    try:
-        with warnings.catch_warnings():  # the Dirichlet partitioner warns on every resampling
-            warnings.filterwarnings("ignore", message="The specified min_partition_size")
-            return [partitioner.load_partition(i)["index"] for i in range(num_clients)]
-    except ValueError as error:
-        raise DataError(
-            f"{settings} cannot split {len(train)} training examples over {num_clients} "
-            f"clients ({error}); use fewer clients (data.num_clients) or change the settings named here"
-        ) from error
+    ``pathological`` assigns labels ``(client + i) mod C`` (flwr's "deterministic" mode) over a seeded
+    permutation of the labels, so every label is used once there are at least C clients. ``dirichlet`` is
+    restarted with a new seed while it fails to give every client ``min_partition_size`` examples.
+    """
+    num_labels = len(train.label_names)
+    order = rng.permutation(num_labels) if scheme.partition == "pathological" else np.arange(num_labels)
+    labelled = datasets.Dataset.from_dict({"label": order[train.labels].tolist(), "index": list(range(len(train)))})
+    restarts = _DIRICHLET_RESTARTS if scheme.partition == "dirichlet" else 1
+    for _ in range(restarts):
+        partitioner = scheme.partitioner(num_clients, seed=int(rng.integers(2**32)))
+        partitioner.dataset = labelled
+        try:
+            with warnings.catch_warnings():  # the Dirichlet partitioner warns on every redraw
+                warnings.filterwarnings("ignore", message="The specified min_partition_size")
+                return [partitioner.load_partition(i)["index"] for i in range(num_clients)]
+        except ValueError as error:
+            failure = error
+    raise DataError(
+        f"{scheme} cannot split {len(train)} training examples over {num_clients} clients ({failure}); "
+        f"use {scheme.remedy}"
+    ) from failure
 
 
 def label_histogram(fd: FederatedData) -> list[list[int]]:

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fedlora.methods.base import Capabilities, ClientInfo, FactorMethod, GlobalModel, Method, ModuleSpec
+from fedlora.methods.base import Capabilities, ClientInfo, FactorMethod, GlobalModel, Method, ModelInfo, ModuleSpec
 
 __all__ = [
     "Capabilities",
@@ -20,6 +20,7 @@ __all__ = [
     "FactorMethod",
     "GlobalModel",
     "Method",
+    "ModelInfo",
     "ModuleSpec",
     "available",
     "build",

@@ -61,6 +61,20 @@ class ModuleSpec:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know of the model when the server starts.
+
+    specs: every adapted module's (d, k); rank: the broadcast rank (r_max when client ranks differ);
+    extras: the initial values of the fully trained tensors (the classifier head), so that every client starts
+    round 1 from the same head.
+    """
+
+    specs: Mapping[str, ModuleSpec]
+    rank: int
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ClientInfo:
     """Who a client is: its id (0-based partition index) and its adapter rank."""
 
@@ -100,7 +114,7 @@ class Method(Protocol):
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
 
-    def init_server(self, specs: Mapping[str, ModuleSpec], rank: int, seed: int) -> Any: ...
+    def init_server(self, model: ModelInfo, seed: int) -> Any: ...
 
     def init_client(self, client: ClientInfo) -> Any: ...
 
@@ -188,8 +202,8 @@ class FactorMethod:
     regularizer: Regularizer | None = None
 
     # ---- server ---------------------------------------------------------------------------------------------
-    def init_server(self, specs: Mapping[str, ModuleSpec], rank: int, seed: int) -> FactorState:
-        return FactorState(adapter=fresh_adapter(specs, rank, seed), extras=None)
+    def init_server(self, model: ModelInfo, seed: int) -> FactorState:
+        return FactorState(adapter=fresh_adapter(model.specs, model.rank, seed), extras=dict(model.extras) or None)
 
     def broadcast(self, state: FactorState, client: ClientInfo, rnd: int) -> Payload:
         tensors: dict[str, Tensor] = {}

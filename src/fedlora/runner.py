@@ -1,0 +1,352 @@
+"""The in-process engine: one process, one shared model whose adapter is swapped per client.
+
+Each round: sample clients (seeded by the round), and for each: ``broadcast`` → ``prepare`` → train → evaluate
+locally → ``upload``; then ``aggregate`` once, load the exported global model, and evaluate it on the global
+test set and on every participating client's own test split. Every random choice derives from
+(``seed``, round, client), so a run resumed from its last checkpoint ends with the same results as one that was
+never interrupted. The Flower engines reuse ``Experiment`` and these per-client functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora import config as cfgmod
+from fedlora import data as datamod
+from fedlora import methods, peft_io
+from fedlora.methods.base import ClientInfo, GlobalModel, Method, ModelInfo
+from fedlora.training import Encoded, TrainSettings, evaluate, train_client
+from fedlora.types import AggregationReport, Contribution
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 31-bit seed from (seed, keys...): independent streams per round and client."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0] >> 1)
+
+
+@dataclass
+class ClientData:
+    train: Encoded
+    test: Encoded
+    num_examples: int
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built and validated before any training starts."""
+
+    cfg: cfgmod.ExperimentConfig
+    method: Method
+    model: torch.nn.Module
+    info: ModelInfo
+    clients: list[ClientData]
+    test: Encoded
+    ranks: list[int]
+    label_names: list[str]
+
+    def client_info(self, c: int) -> ClientInfo:
+        return ClientInfo(c, self.ranks[c])
+
+
+def train_settings(cfg: cfgmod.ExperimentConfig) -> TrainSettings:
+    t = cfg.train
+    return TrainSettings(t.lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs)
+
+
+def setup(cfg: cfgmod.ExperimentConfig) -> Experiment:
+    """Load data and model, partition, tokenise, build the method: every bad input fails here."""
+    torch.manual_seed(cfg.seed)
+    method = methods.build(cfg.federation.method, cfg.method)
+    ds = datamod.load_dataset(cfg.data.dataset, cfg.data.text_column, cfg.data.label_column)
+    d = cfg.data
+    fed = datamod.federate(
+        ds,
+        num_clients=d.num_clients,
+        partition=d.partition,
+        alpha=d.alpha,
+        labels_per_client=d.labels_per_client,
+        min_partition_size=d.min_partition_size,
+        test_fraction=d.test_fraction,
+        local_test_fraction=d.local_test_fraction,
+        seed=cfg.seed,
+    )
+    lora = cfg.model.lora
+    ranks = list(lora.ranks) if lora.ranks is not None else [lora.r] * d.num_clients
+    tokenizer = peft_io.load_tokenizer(cfg.model.name)
+    base = peft_io.load_base_model(cfg.model.name, cfg.model.task, num_labels=len(fed.label_names))
+    targets = list(lora.target_modules) or peft_io.default_target_modules(base)
+    model = peft_io.make_peft_model(
+        base,
+        r=max(ranks),
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        rslora=lora.rslora,
+        target_modules=targets,
+        variant=lora.variant,
+        task=cfg.model.task,
+    )
+    _, extras = peft_io.read_adapter(model)
+    info = ModelInfo(peft_io.module_specs(model), max(ranks), extras)
+
+    def enc(part: datamod.TextDataset) -> Encoded:
+        return datamod.tokenize(part, tokenizer, d.max_length)
+
+    clients = [ClientData(enc(tr), enc(te), len(tr.labels)) for tr, te in fed.clients]
+    return Experiment(cfg, method, model, info, clients, enc(fed.test), ranks, list(fed.label_names))
+
+
+def sample_clients(exp: Experiment, rnd: int) -> list[int]:
+    """``federation.clients_per_round`` clients drawn uniformly without replacement, seeded by the round."""
+    n = exp.cfg.data.num_clients
+    k = exp.cfg.federation.clients_per_round or n
+    if k == n:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(derive_seed(exp.cfg.seed, rnd, -1))
+    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """One client's round: its upload, its local accuracy with its own trained adapter, timings."""
+
+    contribution: Contribution
+    local_accuracy: float
+    train_loss: float
+    bytes_down: int
+    train_seconds: float
+    eval_seconds: float
+    client_state: Any
+
+
+def run_client(exp: Experiment, server_state: Any, client_state: Any, c: int, rnd: int) -> ClientOutcome:
+    """broadcast → prepare → train → local evaluation → upload, for client ``c`` in round ``rnd``."""
+    info = exp.client_info(c)
+    download = exp.method.broadcast(server_state, info, rnd)
+    plan, client_state = exp.method.prepare(client_state, download, info, rnd)
+    data = exp.clients[c]
+    result = train_client(exp.model, plan, data.train, train_settings(exp.cfg), derive_seed(exp.cfg.seed, rnd, c))
+    started = time.perf_counter()
+    local_accuracy, _ = evaluate(exp.model, data.test)
+    eval_seconds = time.perf_counter() - started
+    upload, client_state = exp.method.upload(client_state, result.adapter, result.extras, info, rnd)
+    contribution = Contribution(c, float(data.num_examples), upload)
+    return ClientOutcome(
+        contribution, local_accuracy, result.loss, download.nbytes, result.seconds, eval_seconds, client_state
+    )
+
+
+def load_global(exp: Experiment, model: GlobalModel) -> None:
+    """Put the exported global model into the shared model: base edits, adapter at the broadcast rank, head."""
+    peft_io.apply_base_edits(exp.model, model.base_edits)
+    peft_io.write_adapter(exp.model, model.adapter, model.extras, rank=exp.info.rank, seed=exp.cfg.seed)
+
+
+def normalized(contributions: Sequence[Contribution]) -> list[Contribution]:
+    """Weights by example count, normalised over the clients that answered."""
+    total = sum(c.weight for c in contributions)
+    return [Contribution(c.client, c.weight / total, c.payload) for c in contributions]
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds: the next round, the method's server and client states, the metrics so far."""
+
+    next_round: int
+    server: Any
+    clients: dict[int, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def round_record(
+    rnd: int,
+    outcomes: Sequence[ClientOutcome],
+    failed: Mapping[int, str],
+    report: AggregationReport,
+    global_eval: tuple[float, float],
+    global_on_local: Mapping[int, float],
+    seconds: Mapping[str, float],
+) -> dict[str, Any]:
+    """One line of metrics.jsonl."""
+    local = [o.local_accuracy for o in outcomes]
+    glob = [global_on_local[o.contribution.client] for o in outcomes]
+    return {
+        "round": rnd,
+        "global_accuracy": global_eval[0],
+        "global_loss": global_eval[1],
+        "local_accuracy": float(np.mean(local)),
+        "global_accuracy_on_local": float(np.mean(glob)),
+        "local_global_gap": float(np.mean(local) - np.mean(glob)),
+        "divergence": report.divergence,
+        "eckart_young": report.eckart_young,
+        "fedit_divergence": report.fedit,
+        "divergence_per_module": {m: e.divergence for m, e in report.modules.items()},
+        "bytes_up": sum(report.bytes_up.values()),
+        "bytes_down": sum(o.bytes_down for o in outcomes),
+        "train_loss": float(np.mean([o.train_loss for o in outcomes])),
+        "clients": [o.contribution.client for o in outcomes],
+        "clients_local_accuracy": local,
+        "clients_global_accuracy": glob,
+        "failed_clients": dict(failed),
+        "seconds": sum(seconds.values()),
+        "seconds_train": seconds["train"],
+        "seconds_aggregate": seconds["aggregate"],
+        "seconds_eval": seconds["eval"],
+        "seconds_other": seconds["other"],
+    }
+
+
+def run_round(exp: Experiment, state: RunState, rnd: int, on_client: Callable[[int], None] | None = None) -> None:
+    """One round, in place on ``state``. A client that raises is left out; fewer than min_clients fails."""
+    started = time.perf_counter()
+    outcomes: list[ClientOutcome] = []
+    failed: dict[int, str] = {}
+    for c in sample_clients(exp, rnd):
+        client_state = state.clients.get(c, exp.method.init_client(exp.client_info(c)))
+        try:
+            outcome = run_client(exp, state.server, client_state, c, rnd)
+        except Exception as e:  # one bad client never loses the others' work
+            failed[c] = f"{type(e).__name__}: {e}"
+        else:
+            outcomes.append(outcome)
+            state.clients[c] = outcome.client_state
+        if on_client is not None:
+            on_client(c)
+    if len(outcomes) < exp.cfg.federation.min_clients:
+        raise RuntimeError(
+            f"round {rnd}: {len(outcomes)} clients answered, fewer than federation.min_clients = "
+            f"{exp.cfg.federation.min_clients}; failures: {failed}"
+        )
+    t_agg = time.perf_counter()
+    state.server, report = exp.method.aggregate(state.server, normalized([o.contribution for o in outcomes]), rnd)
+    t_eval = time.perf_counter()
+    load_global(exp, exp.method.export(state.server))
+    global_eval = evaluate(exp.model, exp.test)
+    global_on_local = {
+        o.contribution.client: evaluate(exp.model, exp.clients[o.contribution.client].test)[0] for o in outcomes
+    }
+    done = time.perf_counter()
+    train = sum(o.train_seconds for o in outcomes)
+    local_eval = sum(o.eval_seconds for o in outcomes)
+    seconds = {
+        "train": train,
+        "aggregate": t_eval - t_agg,
+        "eval": done - t_eval + local_eval,
+        "other": (t_agg - started) - train - local_eval,
+    }
+    state.records.append(round_record(rnd, outcomes, failed, report, global_eval, global_on_local, seconds))
+    state.next_round = rnd + 1
+
+
+# ---- run directories and checkpoints -------------------------------------------------------------------------
+
+
+def default_run_dir(cfg: cfgmod.ExperimentConfig) -> Path:
+    return Path(cfg.output.dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.method}")
+
+
+def check_fresh_dir(run_dir: Path) -> None:
+    if (run_dir / CHECKPOINT).exists() or (run_dir / METRICS).exists():
+        raise FileExistsError(
+            f"output.dir = {str(run_dir)!r} already holds a run; choose another output.dir or continue it with "
+            f"`fedlora run --resume {run_dir}`"
+        )
+
+
+def save_checkpoint(run_dir: Path, state: RunState) -> None:
+    """Atomically: write a temporary file, then rename over the checkpoint and rewrite metrics.jsonl."""
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+    lines = "".join(json.dumps(r) + "\n" for r in state.records)
+    tmp_metrics = run_dir / (METRICS + ".tmp")
+    tmp_metrics.write_text(lines)
+    os.replace(tmp_metrics, run_dir / METRICS)
+
+
+def load_checkpoint(run_dir: Path) -> RunState:
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no {CHECKPOINT} there (the run saved no round yet)")
+    return torch.load(path, weights_only=False)
+
+
+def restore_model(exp: Experiment, state: RunState) -> None:
+    """Bring a freshly built model to the checkpoint: replay every base edit the global model holds."""
+    if state.next_round > 1:
+        load_global(exp, exp.method.export(state.server))
+
+
+def save_outputs(exp: Experiment, run_dir: Path, state: RunState) -> dict[str, Any]:
+    """Final global adapter as a PEFT directory (+ base edits + head), and summary.json."""
+    load_global(exp, exp.method.export(state.server))
+    peft_io.save_model_adapter(exp.model, run_dir / "adapter")
+    edits = exp.method.export(state.server).base_edits
+    if edits:
+        peft_io.write_base_edits(run_dir / "adapter" / "base_edits.safetensors", edits)
+    summary = summarize(state.records, exp.cfg)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(records: Sequence[Mapping[str, Any]], cfg: cfgmod.ExperimentConfig) -> dict[str, Any]:
+    """The protocol's reported numbers (conventions.md §5) from the per-round records."""
+    if not records:
+        return {"method": cfg.federation.method, "rounds": 0}
+    last = records[-1]
+    return {
+        "method": cfg.federation.method,
+        "rounds": len(records),
+        "final_global_accuracy": last["global_accuracy"],
+        "best_global_accuracy": max(r["global_accuracy"] for r in records),
+        "final_global_loss": last["global_loss"],
+        "mean_local_accuracy": float(np.mean([r["local_accuracy"] for r in records])),
+        "final_local_accuracy": last["local_accuracy"],
+        "final_local_global_gap": last["local_global_gap"],
+        "mean_divergence": float(np.mean([r["divergence"] for r in records])),
+        "final_divergence": last["divergence"],
+        "total_bytes_up": int(sum(r["bytes_up"] for r in records)),
+        "total_bytes_down": int(sum(r["bytes_down"] for r in records)),
+        "wall_seconds": float(sum(r["seconds"] for r in records)),
+    }
+
+
+def run(
+    cfg: cfgmod.ExperimentConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: Any | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) an experiment in process; returns the run directory and the summary."""
+    run_dir = run_dir or default_run_dir(cfg)
+    if not resume:
+        check_fresh_dir(run_dir)
+    exp = setup(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = load_checkpoint(run_dir)
+        restore_model(exp, state)
+    else:
+        (run_dir / "config.toml").write_text(cfgmod.dump_toml(cfg))
+        state = RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
+    for rnd in range(state.next_round, cfg.federation.rounds + 1):
+        on_client = progress.client_done if progress is not None else None
+        if progress is not None:
+            progress.round_started(rnd, len(sample_clients(exp, rnd)))
+        run_round(exp, state, rnd, on_client)
+        save_checkpoint(run_dir, state)
+        if progress is not None:
+            progress.round_done(rnd, state.records[-1])
+    return run_dir, save_outputs(exp, run_dir, state)
