@@ -56,9 +56,7 @@ def gpt2_base(tmp_path_factory) -> Path:
 def make_site(base: Path, out: Path, seed: int, targets: list[str], rank: int = R, rslora: bool = False) -> Path:
     """A site's trained adapter: PEFT init, then random (non-zero) A, B and head, saved by PEFT itself."""
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
-    cfg = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=ALPHA, target_modules=targets, use_rslora=rslora
-    )
+    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=ALPHA, target_modules=targets, use_rslora=rslora)
     pm = get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -86,7 +84,9 @@ def site_factors(site: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, floa
 
 def ideal(sites: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
     per_site = [site_factors(s) for s in sites]
-    return {m: sum(w * f[m][2] * f[m][0] @ f[m][1] for w, f in zip(weights, per_site, strict=True)) for m in per_site[0]}
+    return {
+        m: sum(w * f[m][2] * f[m][0] @ f[m][1] for w, f in zip(weights, per_site, strict=True)) for m in per_site[0]
+    }
 
 
 def base_weights(base: Path) -> dict[str, torch.Tensor]:

@@ -34,14 +34,18 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 class RichProgress:
-    """Rounds and clients as two progress bars."""
+    """Rounds and clients as two progress bars, shown once the experiment is set up."""
 
     def __init__(self, progress: Progress, rounds: int) -> None:
         self.progress = progress
-        self.rounds = progress.add_task("rounds", total=rounds)
-        self.clients = progress.add_task("clients", total=1)
+        self.total = rounds
+        self.rounds: Any = None
+        self.clients: Any = None
 
     def round_started(self, rnd: int, n_clients: int) -> None:
+        if self.rounds is None:
+            self.rounds = self.progress.add_task("rounds", total=self.total, completed=rnd - 1)
+            self.clients = self.progress.add_task("clients", total=n_clients)
         self.progress.update(self.clients, completed=0, total=n_clients, description=f"round {rnd} clients")
 
     def client_done(self, client: int) -> None:

