@@ -364,3 +364,54 @@ def test_base_edit_travels_factored_when_smaller():
     _, state, report = run_round("fedex_lora", clients, w)
     assert set(state.base_edits[0].factored) == {"q"}
     assert report.bytes_down[0] == 4 * (r * (d + k) + 3 * r * (d + k))
+
+
+def test_gram_and_factor_oracles_compute_the_same_pieces():
+    """Every piece of f (N, ‖M‖², S_B, S_A, H_p, H_q, E, F) from both routes against a dense reference."""
+    from fedlora.coefficients import FactorOracle, GramOracle
+
+    gen = torch.Generator().manual_seed(21)
+    U, d, k, r = 4, 9, 7, 3
+    Bs = [torch.randn(d, r, generator=gen, dtype=torch.float64) for _ in range(U)]
+    As = [torch.randn(r, k, generator=gen, dtype=torch.float64) for _ in range(U)]
+    t = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    p, q = torch.randn(U, generator=gen, dtype=torch.float64), torch.randn(U, generator=gen, dtype=torch.float64)
+    M = sum(t[u] * Bs[u] @ As[u] for u in range(U))
+    Bh, Ah = sum(p[u] * Bs[u] for u in range(U)), sum(q[u] * As[u] for u in range(U))
+    dense = {
+        "N": torch.tensor([[float((Bs[u] @ As[v] * M).sum()) for v in range(U)] for u in range(U)]).double(),
+        "Hp": torch.tensor([[float((Bs[u] @ Ah * (Bs[s] @ Ah)).sum()) for s in range(U)] for u in range(U)]).double(),
+        "Hq": torch.tensor([[float((Bh @ As[v] * (Bh @ As[s])).sum()) for s in range(U)] for v in range(U)]).double(),
+        "E": torch.stack([Bh.T @ Bs[u] for u in range(U)]),
+        "F": torch.stack([Ah @ As[v].T for v in range(U)]),
+    }
+    f_dense = float(((Bh @ Ah - M) ** 2).sum())
+    for oracle in (GramOracle(Bs, As, t), FactorOracle(Bs, As, t)):
+        name = type(oracle).__name__
+        assert torch.allclose(oracle.N, dense["N"], atol=1e-9), name
+        assert oracle.m2 == pytest.approx(float((M**2).sum()), rel=1e-12), name
+        assert torch.allclose(oracle.Hp(q), dense["Hp"], atol=1e-9), name
+        assert torch.allclose(oracle.Hq(p), dense["Hq"], atol=1e-9), name
+        assert torch.allclose(oracle.E(p), dense["E"], atol=1e-9), name
+        assert torch.allclose(oracle.F(q), dense["F"], atol=1e-9), name
+        assert oracle.f(p, q) == pytest.approx(f_dense, rel=1e-10), name
+
+
+def test_fedit_reference_uses_the_data_weights_under_the_sum_target():
+    clients = make_clients(SHAPES, [2, 2, 2], alpha=3.0, seed=14)
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    _, _, report = run_round("flora_na", clients, w, {"target": "sum"})
+    _, fedit_state, _ = run_round("fedit", clients, w)
+    for m in SHAPES:
+        M = 3 * ideal(clients, w, m)
+        expected = float((M - fedit_state.adapter[m].dense().double()).norm() / M.norm())
+        assert report.modules[m].fedit == pytest.approx(expected, rel=1e-6)
+
+
+def test_flora_na_diagnostics_and_client_balance_are_reported():
+    clients = gauge_copies([0.5, 2.0], seed=5)
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    _, _, report = run_round("flora_na", clients, w)
+    assert set(report.diagnostics) == set(SHAPES)
+    assert len(report.diagnostics["q"]["p"]) == 2
+    assert report.client_balance[1] / report.client_balance[0] == pytest.approx(16.0, rel=1e-9)

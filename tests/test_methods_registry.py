@@ -30,7 +30,7 @@ def test_unknown_method_key_names_the_key_and_valid_keys():
 @pytest.mark.parametrize(
     ("name", "params", "match"),
     [
-        ("flora_na", {"solver": "sgd"}, r"method.solver = 'sgd': expected one of newton, als, adam"),
+        ("flora_na", {"solver": "sgd"}, r"method.solver = 'sgd'.*expected one of 'newton', 'als', 'adam'"),
         ("flora_na", {"max_iter": 0}, r"method.max_iter = 0"),
         ("flexlora", {"split": "left"}, r"method.split = 'left'"),
         ("hetlora", {"reg_gamma": 1.5}, r"method.reg_gamma = 1.5: expected a value in \(0, 1\]"),
@@ -132,3 +132,21 @@ def test_head_is_averaged_with_the_aggregation_weights():
     assert report.bytes_up[0] == 8 * 2 * (4 + 3) + 4 * 6  # float64 factors, float32 head
     plan, _ = method.prepare(None, method.broadcast(state, ClientInfo(0, 2), 2), ClientInfo(0, 2), 2)
     assert torch.equal(plan.extras["classifier.weight"], state.extras["classifier.weight"])
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"shared_coefficients": "yes"}, r"method.shared_coefficients = 'yes' .* expected true or false"),
+        ({"max_iter": True}, r"method.max_iter = True .* expected an integer"),
+        ({"tol": "small"}, r"method.tol = 'small' .* expected a number"),
+        ({"solver": "adam", "shared_coefficients": True}, r"dense baseline"),
+    ],
+)
+def test_hyperparameter_types_are_checked(params, match):
+    with pytest.raises(ValueError, match=match):
+        methods.build("flora_na", params)
+
+
+def test_integer_hyperparameters_widen_to_float():
+    assert methods.make_params("flora_na", {"tol": 0}).tol == 0.0

@@ -51,6 +51,7 @@ def tiny(rt_csv: Path, out: Path, *extra: str) -> config.ExperimentConfig:
             "train.local_steps=2",
             "train.batch_size=8",
             f"output.dir={out}",
+            "federation.workers=0",
             *extra,
         ],
     )
@@ -108,6 +109,26 @@ def test_a_failing_client_is_left_out_and_recorded(rt_csv, tmp_path, monkeypatch
     exp.cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.min_clients=3")
     with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 3"):
         runner.run_round(exp, state, 2)
+
+
+@pytest.mark.timeout(600)
+def test_worker_processes_give_the_same_results_as_the_main_process(rt_csv, tmp_path):
+    seq, _ = runner.run(tiny(rt_csv, tmp_path / "seq", "federation.method=fedex_lora"), tmp_path / "seq")
+    par_cfg = config.with_overrides(
+        tiny(rt_csv, tmp_path / "par", "federation.method=fedex_lora"), ["federation.workers=2"]
+    )
+    par, _ = runner.run(par_cfg, tmp_path / "par")
+    a, b = _records_without_timings(seq), _records_without_timings(par)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+            elif k != "divergence_per_module":
+                assert ra[k] == rb[k], k
+    ta = load_file(seq / "adapter" / "adapter_model.safetensors")
+    tb = load_file(par / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(ta[k], tb[k], rtol=1e-3, atol=1e-6) for k in ta)
 
 
 def _records_without_timings(run_dir: Path) -> list[dict]:

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -180,12 +181,19 @@ def aggregate(
     try:
         params = dict(_parse_param(p, parse_value) for p in param or [])
         result = aggregate_dirs(method, adapter_dirs, out, w, params)
-        if merged_out is not None and base_model is not None:
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        _fail(str(e))
+    if merged_out is not None and base_model is not None:
+        merged_existed = merged_out.exists()
+        try:
             edits = out / "base_edits.safetensors" if result.wrote_base_edits else None
             task = "causal_lm" if _task_type(out) == "CAUSAL_LM" else "seq_cls"
             peft_io.merge_to_base(base_model, out, edits, merged_out, task, num_labels=num_labels_of(out))
-    except (ValueError, FileExistsError, FileNotFoundError, OSError) as e:
-        _fail(str(e))
+        except (ValueError, TypeError, RuntimeError, OSError) as e:
+            shutil.rmtree(out, ignore_errors=True)  # nothing half-done is left behind
+            if not merged_existed:
+                shutil.rmtree(merged_out, ignore_errors=True)
+            _fail(f"--merged-out with --base-model {base_model}: {e}")
     table = Table(title=f"{method}: divergence from the ideal update Σ w_u s_u B_u A_u")
     for col in ("module", "divergence", "Eckart–Young", "FedIT"):
         table.add_column(col, justify="right" if col != "module" else "left")

@@ -147,11 +147,11 @@ class FactorOracle(Oracle):
         return self._Ahat(x) @ self._Ahat(y).T
 
     def Hp(self, q: Tensor) -> Tensor:
-        Y = torch.einsum("udr,rs->uds", self.B, _psd_root(self.SA(q, q))).flatten(1)
+        Y = torch.einsum("udr,rs->uds", self.B, _psd_root(self.SA(q, q))).flatten(1)  # Y_u = B_u L
         return Y @ Y.T
 
     def Hq(self, p: Tensor) -> Tensor:
-        Z = torch.einsum("rs,urk->usk", _psd_root(self.SB(p, p)).T, self.A).flatten(1)
+        Z = torch.einsum("rs,urk->usk", _psd_root(self.SB(p, p)), self.A).flatten(1)  # Z_v = Lᵀ A_v
         return Z @ Z.T
 
     def E(self, p: Tensor) -> Tensor:

@@ -183,6 +183,9 @@ class FederationConfig:
     clients_per_round: sampled uniformly (seeded) each round; unset means every client.
     round_timeout: seconds; on the Flower engines a later client is left out of the round.
     min_clients: a round with fewer answers fails.
+    workers: ``inprocess`` engine only: worker processes that train a round's clients in parallel, each with one
+        torch thread (0: clients train one after another in the main process); unset: min(2, CPU cores), or 0
+        when one client is sampled per round. Results do not depend on which worker ran which client.
     """
 
     method: str = _spec(DEFAULT_METHOD, "a registered method name", _non_empty)
@@ -191,6 +194,7 @@ class FederationConfig:
     engine: Engine = "inprocess"
     round_timeout: float = _spec(600.0, "a positive float (seconds)", _positive)
     min_clients: int = _spec(1, "a positive int", _positive)
+    workers: int | None = _spec(None, "a non-negative int (or unset: automatic)", _non_negative)
 
     def __post_init__(self) -> None:
         _validate(self, "federation")
@@ -209,7 +213,7 @@ class TrainConfig:
     batch_size: int = _spec(16, "a positive int", _positive)
     lr: float = _spec(5e-4, "a positive float", _positive)
     weight_decay: float = _spec(0.0, "a non-negative float", _non_negative)
-    max_grad_norm: float = _spec(1.0, "a positive float", _positive)
+    max_grad_norm: float = _spec(1.0, "a non-negative float (0: no clipping)", _non_negative)
 
     def __post_init__(self) -> None:
         _validate(self, "train")

@@ -121,11 +121,14 @@ def module_errors(
     weights: Tensor,
     applied: Sequence[LowRank],
     rank: int,
+    fedit_weights: Tensor | None = None,
 ) -> ModuleError:
     """Errors of one module against M = Σ w_u B_u A_u, all from factors.
 
     applied: the terms the model actually receives this round (adapter, base edit, ...), summed.
     rank: the broadcast rank, at which the Eckart–Young bound is reported.
+    fedit_weights: the weights FedIT would average the factors with (default ``weights``; differs from the
+        target weights when the target is the sum).
     """
     svd = ideal_svd(Bs, As, weights)
     energy = svd.energy()
@@ -136,8 +139,9 @@ def module_errors(
     else:
         err2 = energy
     r_max = max(b.shape[1] for b in Bs)
-    fedit_B = weighted_mean([_pad_cols(b, r_max) for b in Bs], weights)
-    fedit_A = weighted_mean([_pad_rows(a, r_max) for a in As], weights)
+    fw = weights if fedit_weights is None else fedit_weights
+    fedit_B = weighted_mean([_pad_cols(b, r_max) for b in Bs], fw)
+    fedit_A = weighted_mean([_pad_rows(a, r_max) for a in As], fw)
     fedit2 = candidate_error2(Bw, A, energy, fedit_B, fedit_A)
     norm = energy**0.5
     if norm == 0.0:

@@ -9,10 +9,11 @@ never interrupted. The Flower engines reuse ``Experiment`` and these per-client 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,8 +26,9 @@ from fedlora import config as cfgmod
 from fedlora import data as datamod
 from fedlora import methods, peft_io
 from fedlora.methods.base import ClientInfo, GlobalModel, Method, ModelInfo
-from fedlora.training import Encoded, TrainSettings, evaluate, train_client
-from fedlora.types import AggregationReport, Contribution
+from fedlora.training import Encoded, TrainSettings, accuracy_loss, evaluate, train_client
+from fedlora.types import AggregationReport, Contribution, Payload
+from fedlora.workers import EvalTask, TrainTask, WorkerPool
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -71,6 +73,11 @@ def train_settings(cfg: cfgmod.ExperimentConfig) -> TrainSettings:
 
 def setup(cfg: cfgmod.ExperimentConfig) -> Experiment:
     """Load data and model, partition, tokenise, build the method: every bad input fails here."""
+    if cfg.model.task != "seq_cls":
+        raise ValueError(
+            f"model.task = {cfg.model.task!r}: federated training and evaluation support 'seq_cls' so far "
+            "(causal LM models load, see fedlora.peft_io.load_base_model, but have no training loop yet)"
+        )
     torch.manual_seed(cfg.seed)
     method = methods.build(cfg.federation.method, cfg.method)
     ds = datamod.load_dataset(cfg.data.dataset, cfg.data.text_column, cfg.data.label_column)
@@ -134,15 +141,13 @@ class ClientOutcome:
     client_state: Any
 
 
-def run_client(exp: Experiment, server_state: Any, client_state: Any, c: int, rnd: int) -> ClientOutcome:
-    """broadcast → prepare → train → local evaluation → upload, for client ``c`` in round ``rnd``."""
+def train_one(exp: Experiment, download: Payload, client_state: Any, c: int, rnd: int) -> ClientOutcome:
+    """prepare → train → local evaluation → upload, for client ``c`` in round ``rnd`` given its download."""
     info = exp.client_info(c)
-    download = exp.method.broadcast(server_state, info, rnd)
     plan, client_state = exp.method.prepare(client_state, download, info, rnd)
     data = exp.clients[c]
-    result = train_client(
-        exp.model, plan, data.train, train_settings(exp.cfg), derive_seed(exp.cfg.seed, CLIENT, rnd, c)
-    )
+    seed = derive_seed(exp.cfg.seed, CLIENT, rnd, c)
+    result = train_client(exp.model, plan, data.train, train_settings(exp.cfg), seed)
     started = time.perf_counter()
     local_accuracy, _ = evaluate(exp.model, data.test)
     eval_seconds = time.perf_counter() - started
@@ -151,6 +156,13 @@ def run_client(exp: Experiment, server_state: Any, client_state: Any, c: int, rn
     return ClientOutcome(
         contribution, local_accuracy, result.loss, download.nbytes, result.seconds, eval_seconds, client_state
     )
+
+
+def eval_set(exp: Experiment, target: tuple[Any, ...]) -> Encoded:
+    """("test", start, stop): a slice of the global test set; ("client", c): client c's own test split."""
+    if target[0] == "test":
+        return {k: v[target[1] : target[2]] for k, v in exp.test.items()}
+    return exp.clients[target[1]].test
 
 
 def load_global(exp: Experiment, model: GlobalModel) -> None:
@@ -198,6 +210,8 @@ def round_record(
         "eckart_young": report.eckart_young,
         "fedit_divergence": report.fedit,
         "divergence_per_module": {m: e.divergence for m, e in report.modules.items()},
+        "client_balance": list(report.client_balance),
+        "diagnostics": report.diagnostics,
         "bytes_up": sum(report.bytes_up.values()),
         "bytes_down": sum(o.bytes_down for o in outcomes),
         "train_loss": float(np.mean([o.train_loss for o in outcomes])),
@@ -213,43 +227,87 @@ def round_record(
     }
 
 
-def run_round(exp: Experiment, state: RunState, rnd: int, on_client: Callable[[int], None] | None = None) -> None:
+def _train_clients(
+    exp: Experiment, state: RunState, rnd: int, pool: WorkerPool | None, on_client: Callable[[int], None] | None
+) -> tuple[list[ClientOutcome], dict[int, str]]:
+    """Every sampled client's outcome (in client order) and the failures, in the main process or on the pool."""
+    sampled = sample_clients(exp, rnd)
+    states = {c: state.clients.get(c, exp.method.init_client(exp.client_info(c))) for c in sampled}
+    downloads = {c: exp.method.broadcast(state.server, exp.client_info(c), rnd) for c in sampled}
+    results: dict[int, tuple[str, Any]] = {}
+    if pool is None:
+        for c in sampled:
+            try:  # one bad client never loses the others' work
+                results[c] = ("ok", train_one(exp, downloads[c], states[c], c, rnd))
+            except Exception as e:
+                results[c] = ("error", f"{type(e).__name__}: {e}")
+            if on_client is not None:
+                on_client(c)
+    else:
+        edits = exp.method.export(state.server).base_edits
+        tasks = [TrainTask(c, rnd, downloads[c], states[c]) for c in sampled]
+        results = dict(zip(sampled, pool.map(tasks, edits), strict=True))
+        if on_client is not None:
+            for c in sampled:
+                on_client(c)
+    outcomes = [v for c, (status, v) in sorted(results.items()) if status == "ok"]
+    failed = {c: v for c, (status, v) in sorted(results.items()) if status != "ok"}
+    return outcomes, failed
+
+
+def _evaluate_global(
+    exp: Experiment, state: RunState, clients: Sequence[int], pool: WorkerPool | None
+) -> tuple[tuple[float, float], dict[int, float]]:
+    """The global model on the held-out test set and on each given client's own test split."""
+    exported = exp.method.export(state.server)
+    if pool is None:
+        load_global(exp, exported)
+        return evaluate(exp.model, exp.test), {c: evaluate(exp.model, exp.clients[c].test)[0] for c in clients}
+    n = int(exp.test["labels"].shape[0])
+    half = n // 2
+    targets = [("test", 0, half), ("test", half, n), *[("client", c) for c in clients]]
+    per_worker = [tuple(targets[i :: len(pool.conns)]) for i in range(len(pool.conns))]
+    tasks = [EvalTask(exported.adapter, exported.extras, t) for t in per_worker if t]
+    sums: dict[tuple[Any, ...], tuple[int, float, int]] = {}
+    for status, value in pool.map(tasks, exported.base_edits):
+        if status != "ok":
+            raise RuntimeError(f"evaluation failed in a worker process: {value}")
+        sums |= value
+    test = tuple(map(sum, zip(sums[("test", 0, half)], sums[("test", half, n)], strict=True)))
+    return accuracy_loss(test), {c: accuracy_loss(sums[("client", c)])[0] for c in clients}  # type: ignore[arg-type]
+
+
+def run_round(
+    exp: Experiment,
+    state: RunState,
+    rnd: int,
+    on_client: Callable[[int], None] | None = None,
+    pool: WorkerPool | None = None,
+) -> None:
     """One round, in place on ``state``. A client that raises is left out; fewer than min_clients fails."""
     started = time.perf_counter()
-    outcomes: list[ClientOutcome] = []
-    failed: dict[int, str] = {}
-    for c in sample_clients(exp, rnd):
-        client_state = state.clients.get(c, exp.method.init_client(exp.client_info(c)))
-        try:
-            outcome = run_client(exp, state.server, client_state, c, rnd)
-        except Exception as e:  # one bad client never loses the others' work
-            failed[c] = f"{type(e).__name__}: {e}"
-        else:
-            outcomes.append(outcome)
-            state.clients[c] = outcome.client_state
-        if on_client is not None:
-            on_client(c)
+    outcomes, failed = _train_clients(exp, state, rnd, pool, on_client)
     if len(outcomes) < exp.cfg.federation.min_clients:
         raise RuntimeError(
             f"round {rnd}: {len(outcomes)} clients answered, fewer than federation.min_clients = "
             f"{exp.cfg.federation.min_clients}; failures: {failed}"
         )
+    for o in outcomes:
+        state.clients[o.contribution.client] = o.client_state
     t_agg = time.perf_counter()
     state.server, report = exp.method.aggregate(state.server, normalized([o.contribution for o in outcomes]), rnd)
     t_eval = time.perf_counter()
-    load_global(exp, exp.method.export(state.server))
-    global_eval = evaluate(exp.model, exp.test)
-    global_on_local = {
-        o.contribution.client: evaluate(exp.model, exp.clients[o.contribution.client].test)[0] for o in outcomes
-    }
+    global_eval, global_on_local = _evaluate_global(exp, state, [o.contribution.client for o in outcomes], pool)
     done = time.perf_counter()
     train = sum(o.train_seconds for o in outcomes)
     local_eval = sum(o.eval_seconds for o in outcomes)
+    client_wall = t_agg - started
+    share = client_wall / max(train + local_eval, 1e-12) if pool is not None else 1.0  # wall time, not CPU time
     seconds = {
-        "train": train,
+        "train": train * share,
         "aggregate": t_eval - t_agg,
-        "eval": done - t_eval + local_eval,
-        "other": (t_agg - started) - train - local_eval,
+        "eval": done - t_eval + local_eval * share,
+        "other": client_wall - (train + local_eval) * share,
     }
     state.records.append(round_record(rnd, outcomes, failed, report, global_eval, global_on_local, seconds))
     state.next_round = rnd + 1
@@ -335,6 +393,11 @@ def run(
     progress: Any | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) an experiment in process; returns the run directory and the summary."""
+    if cfg.federation.engine != "inprocess":
+        raise ValueError(
+            f"federation.engine = {cfg.federation.engine!r} is not available yet: the Flower engines are being "
+            "built; use 'inprocess'"
+        )
     run_dir = run_dir or default_run_dir(cfg)
     if not resume:
         check_fresh_dir(run_dir)
@@ -346,12 +409,31 @@ def run(
     else:
         (run_dir / "config.toml").write_text(cfgmod.dump_toml(cfg))
         state = RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
-    for rnd in range(state.next_round, cfg.federation.rounds + 1):
-        on_client = progress.client_done if progress is not None else None
-        if progress is not None:
-            progress.round_started(rnd, len(sample_clients(exp, rnd)))
-        run_round(exp, state, rnd, on_client)
-        save_checkpoint(run_dir, state)
-        if progress is not None:
-            progress.round_done(rnd, state.records[-1])
+    with _pool(cfg) as pool:
+        for rnd in range(state.next_round, cfg.federation.rounds + 1):
+            on_client = progress.client_done if progress is not None else None
+            if progress is not None:
+                progress.round_started(rnd, len(sample_clients(exp, rnd)))
+            run_round(exp, state, rnd, on_client, pool)
+            save_checkpoint(run_dir, state)
+            if progress is not None:
+                progress.round_done(rnd, state.records[-1])
     return run_dir, save_outputs(exp, run_dir, state)
+
+
+def num_workers(cfg: cfgmod.ExperimentConfig) -> int:
+    """``federation.workers``, or automatically min(2, CPU cores) when more than one client trains per round."""
+    if cfg.federation.workers is not None:
+        return cfg.federation.workers
+    per_round = cfg.federation.clients_per_round or cfg.data.num_clients
+    return min(2, os.cpu_count() or 1) if per_round > 1 else 0
+
+
+@contextlib.contextmanager
+def _pool(cfg: cfgmod.ExperimentConfig) -> Iterator[WorkerPool | None]:
+    n = num_workers(cfg)
+    if n == 0:
+        yield None
+        return
+    with WorkerPool(cfg, n) as pool:
+        yield pool

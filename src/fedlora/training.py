@@ -118,12 +118,11 @@ def train_client(
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data: Encoded, batch_size: int = 64) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of a sequence classifier; longest-first batches keep padding small."""
+def evaluate_sums(model: torch.nn.Module, data: Encoded, batch_size: int = 64) -> tuple[int, float, int]:
+    """(correct predictions, summed cross-entropy, examples) of a sequence classifier; longest-first batches
+    keep padding small. Sums, so that shards evaluated apart combine exactly."""
     model.eval()
     n = int(data["labels"].shape[0])
-    if n == 0:
-        return float("nan"), float("nan")
     order = torch.argsort(data["attention_mask"].sum(1), descending=True)
     correct, loss_sum = 0, 0.0
     for start in range(0, n, batch_size):
@@ -132,4 +131,14 @@ def evaluate(model: torch.nn.Module, data: Encoded, batch_size: int = 64) -> tup
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    return correct / n, loss_sum / n
+    return correct, loss_sum, n
+
+
+def accuracy_loss(sums: tuple[int, float, int]) -> tuple[float, float]:
+    correct, loss_sum, n = sums
+    return (correct / n, loss_sum / n) if n else (float("nan"), float("nan"))
+
+
+def evaluate(model: torch.nn.Module, data: Encoded, batch_size: int = 64) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a sequence classifier on ``data``."""
+    return accuracy_loss(evaluate_sums(model, data, batch_size))

@@ -8,9 +8,9 @@ transposed at the PEFT edge (``fedlora.peft_io``) and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -168,11 +168,18 @@ class ModuleError:
 
 @dataclass(frozen=True)
 class AggregationReport:
-    """What every aggregation measures: per-module and overall errors, bytes per client each way."""
+    """What every aggregation measures: per-module and overall errors, bytes per client each way.
+
+    bytes_up: what each contributing client uploaded; bytes_down: what it downloads at the start of the next
+    round (global factors at its rank, head, base edits it has not seen). diagnostics: the rule's own numbers
+    (FLoRA-NA's p, q per module, HetLoRA's weights). client_balance: per client ‖B̃‖_F / ‖A‖_F.
+    """
 
     modules: Mapping[str, ModuleError]
     bytes_up: Mapping[int, int] = field(default_factory=dict)
     bytes_down: Mapping[int, int] = field(default_factory=dict)
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    client_balance: Sequence[float] = ()
 
     def _overall(self, attr: str) -> float:
         num = sum((getattr(e, attr) * e.ideal_norm) ** 2 for e in self.modules.values())

@@ -47,7 +47,7 @@ def check_equal_ranks(adapters: Sequence[Adapter], clients: Sequence[int | str],
         if r != first:
             raise ValueError(
                 f"client {c}: rank {sorted(r)} differs from client {clients[0]}'s {sorted(first)}; "
-                f"{method} needs equal ranks (use flora, flexlora or hetlora for heterogeneous ranks)"
+                f"{method} needs equal ranks (`fedlora methods` lists the methods with a heterogeneous-rank policy)"
             )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -101,7 +102,33 @@ def make_params(name: str, values: Mapping[str, Any] | None = None) -> Any:
             suggestion = f"; did you mean 'method.{hint[0]}'?" if hint else ""
             listed = ", ".join(f"method.{v}" for v in valid) or "none"
             raise ValueError(f"unknown key 'method.{key}' for method {name!r}: valid keys are {listed}{suggestion}")
-    return cls(**dict(values or {}))
+    typed = {
+        key: _typed(name, key, value, hints[key])
+        for hints in [typing.get_type_hints(cls)]
+        for key, value in (values or {}).items()
+    }
+    return cls(**typed)
+
+
+def _typed(method: str, key: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the field's annotation (bool, int, float, str or a Literal); ints widen to float."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        ok, expected = value in typing.get_args(hint), "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    elif hint is bool:
+        ok, expected = isinstance(value, bool), "true or false"
+    elif hint is int:
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif hint is float:
+        ok, expected = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif hint is str:
+        ok, expected = isinstance(value, str), "a string"
+    else:
+        ok, expected = True, ""
+    if not ok:
+        raise ValueError(f"method.{key} = {value!r} for method {method!r}: expected {expected}")
+    return value
 
 
 def build(name: str, params: Mapping[str, Any] | None = None) -> Method:

@@ -225,7 +225,7 @@ class FactorMethod:
             check_equal_ranks(adapters, clients, self.name)
         weights = torch.tensor([c.weight for c in contributions], dtype=torch.float64)
         out = self.rule(adapters, weights, self.params)
-        report = measure(adapters, target_weights(weights, self.params), out)
+        report = measure(adapters, target_weights(weights, self.params), out, weights)
         edits = state.base_edits
         if out.base_delta:
             edits = (*edits, travel_form(rnd, out.base_delta))
@@ -293,7 +293,7 @@ def average_extras(extras: Sequence[Mapping[str, Tensor]], weights: Tensor) -> d
     }
 
 
-def measure(adapters: Sequence[Adapter], target: Tensor, out: Aggregated) -> AggregationReport:
+def measure(adapters: Sequence[Adapter], target: Tensor, out: Aggregated, weights: Tensor) -> AggregationReport:
     """Divergence of what the model gets this round (base delta + adapter) from the ideal update, per module,
     with the Eckart–Young bound at the broadcast rank and FedIT's divergence beside it; all from factors."""
     modules = {}
@@ -302,5 +302,15 @@ def measure(adapters: Sequence[Adapter], target: Tensor, out: Aggregated) -> Agg
         As = [a[m].A for a in adapters]
         applied = [lr for lr in ((out.adapter or {}).get(m), out.base_delta.get(m)) if lr is not None]
         rank = out.adapter[m].rank if out.adapter is not None else max(b.shape[1] for b in Bs)
-        modules[m] = linalg.module_errors(Bs, As, target, applied, rank)
-    return AggregationReport(modules)
+        modules[m] = linalg.module_errors(Bs, As, target, applied, rank, fedit_weights=weights)
+    return AggregationReport(modules, diagnostics=dict(out.diagnostics), client_balance=balance(adapters))
+
+
+def balance(adapters: Sequence[Adapter]) -> list[float]:
+    """Per client, ‖B̃‖_F / ‖A‖_F over all modules: how far clients' LoRA gauges drift apart (FLoRA-NA's case)."""
+    out = []
+    for a in adapters:
+        nb = sum(float(lr.B.double().square().sum()) for lr in a.values())
+        na = sum(float(lr.A.double().square().sum()) for lr in a.values())
+        out.append((nb / na) ** 0.5 if na > 0 else float("nan"))
+    return out

@@ -72,6 +72,11 @@ class FLoRANAParams:
         for key in ("max_iter", "adam_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"method.{key} = {getattr(self, key)!r}: expected an integer >= 1")
+        if self.solver == "adam" and (self.shared_coefficients or self.route != "auto"):
+            raise ValueError(
+                "method.solver = 'adam' is the dense baseline: method.shared_coefficients and method.route do not "
+                f"apply to it (got {self.shared_coefficients}, {self.route!r})"
+            )
         if not self.tol >= 0 or not self.ridge >= 0:
             raise ValueError(f"method.tol = {self.tol}, method.ridge = {self.ridge}: expected values >= 0")
 

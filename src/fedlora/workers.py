@@ -1,0 +1,142 @@
+"""Clients of a round in parallel worker processes (the in-process engine's ``federation.workers``).
+
+Each worker builds its own copy of the experiment (model, tokenised data) once, runs with one torch thread,
+and serves two kinds of task over a pipe: train one client (prepare → train → local evaluation → upload, the
+same ``runner.train_one`` the sequential path calls) and evaluate the global model on some of the test sets.
+The main process keeps every piece of state: it computes each client's download, sends each worker the base
+edits it has not applied yet, collects outcomes, and aggregates them in client order, so the results do not
+depend on which worker ran which client. Workers are stopped (by PID, with a timeout) on exit or failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+from fedlora.types import BaseEdit, Payload
+
+STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    client: int
+    rnd: int
+    download: Payload
+    client_state: Any
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """Evaluate the global model (adapter + head; base edits are synced separately) on named sets:
+    ("test", start, stop) slices of the global test set, ("client", c) a client's own test split."""
+
+    adapter: Any
+    extras: Any
+    targets: tuple[tuple[Any, ...], ...]
+
+
+def _worker_main(conn: Connection, cfg: Any) -> None:
+    from fedlora import peft_io, runner
+    from fedlora.training import evaluate_sums
+
+    torch.set_num_threads(1)
+    exp = runner.setup(cfg)
+    conn.send(("ready", None))
+    while True:
+        kind, payload = conn.recv()
+        if kind == "stop":
+            return
+        try:
+            edits, task = payload
+            peft_io.apply_base_edits(exp.model, edits)
+            if isinstance(task, TrainTask):
+                result: Any = runner.train_one(exp, task.download, task.client_state, task.client, task.rnd)
+            else:
+                peft_io.write_adapter(exp.model, task.adapter, task.extras, rank=exp.info.rank, seed=cfg.seed)
+                result = {t: evaluate_sums(exp.model, runner.eval_set(exp, t)) for t in task.targets}
+            conn.send(("ok", result))
+        except Exception:
+            conn.send(("error", traceback.format_exc(limit=4)))
+
+
+class WorkerPool:
+    """``n`` worker processes, each with its own experiment copy; use as a context manager."""
+
+    def __init__(self, cfg: Any, n: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        self.versions: list[int] = []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child, cfg), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+            self.versions.append(0)
+        for conn in self.conns:
+            status, _ = self._recv(conn)
+            if status != "ready":
+                raise RuntimeError("a worker process failed to start")
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recv(self, conn: Connection) -> tuple[str, Any]:
+        try:
+            return conn.recv()
+        except EOFError:
+            return "error", "the worker process died"
+
+    def _send(self, w: int, task: Any, edits: Sequence[BaseEdit]) -> None:
+        new = tuple(e for e in edits if e.version > self.versions[w])
+        self.conns[w].send(("task", (new, task)))
+        if new:
+            self.versions[w] = new[-1].version
+
+    def map(self, tasks: Sequence[Any], edits: Sequence[BaseEdit]) -> list[tuple[str, Any]]:
+        """Run tasks on free workers as they come free; results in task order, each ("ok"|"error", value)."""
+        results: list[tuple[str, Any] | None] = [None] * len(tasks)
+        pending = list(enumerate(tasks))
+        busy: dict[Connection, tuple[int, int]] = {}
+        for w in range(len(self.conns)):
+            if pending:
+                i, task = pending.pop(0)
+                self._send(w, task, edits)
+                busy[self.conns[w]] = (w, i)
+        while busy:
+            for conn in wait(list(busy)):
+                w, i = busy.pop(conn)  # type: ignore[arg-type]
+                results[i] = self._recv(conn)  # type: ignore[arg-type]
+                if pending and self.procs[w].is_alive():
+                    j, task = pending.pop(0)
+                    self._send(w, task, edits)
+                    busy[conn] = (w, j)  # type: ignore[index]
+        if pending:
+            raise RuntimeError("every worker process died")
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs, strict=True):
+            if proc.is_alive():
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    conn.send(("stop", None))
+        for proc in self.procs:
+            proc.join(STOP_TIMEOUT)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(STOP_TIMEOUT)
+        for conn in self.conns:
+            conn.close()
