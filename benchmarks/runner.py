@@ -1,0 +1,100 @@
+"""Round-time benchmark of the in-process runner (not a test).
+
+    .venv/bin/python benchmarks/runner.py [--clients 4] [--rounds 2] [--steps 10] [--workers 0 2]
+
+Prints, per worker setting, each round's wall time split into training, aggregation, evaluation and everything
+else (target: everything else + aggregation ≤ 5% of a round), and compares the training throughput of
+``fedlora.training.train_client`` with a bare PyTorch loop (same PEFT model, same batches, AdamW, clipping) run
+in the same process, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch
+
+from fedlora import config, peft_io, runner, training
+from fedlora.types import TrainPlan
+
+
+def bare_loop(model: torch.nn.Module, data: training.Encoded, steps: int, batch_size: int, seed: int) -> float:
+    """The same work without fedlora: AdamW over the trainable parameters, clipping, the same batch stream."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-4)
+    stream = training.batches(data, batch_size, torch.Generator().manual_seed(seed))
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = model(**next(stream)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return time.perf_counter() - start
+
+
+def throughput(exp: runner.Experiment, steps: int, repeats: int) -> None:
+    data = exp.clients[0].train
+    settings = runner.train_settings(exp.cfg)
+    plan = TrainPlan(rank=exp.info.rank, adapter=None, extras=exp.info.extras)
+    ours, bare = [], []
+    for i in range(repeats):
+        t = training.train_client(exp.model, plan, data, settings, seed=i).seconds
+        ours.append(t)
+        training.apply_plan(exp.model, plan, seed=i)
+        bare.append(bare_loop(exp.model, data, steps, settings.batch_size, seed=i))
+    o, b = sorted(ours)[len(ours) // 2], sorted(bare)[len(bare) // 2]
+    print(
+        f"training throughput, {steps} steps (median of {repeats}): fedlora {steps / o:.2f} steps/s, "
+        f"bare PyTorch {steps / b:.2f} steps/s, ratio fedlora/bare time = {o / b:.3f}"
+    )
+
+
+def rounds(cfg: config.ExperimentConfig, n_rounds: int) -> None:
+    workers = runner.num_workers(cfg)
+    exp = runner.setup(cfg)
+    state = runner.RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
+    with runner._pool(cfg) as pool:
+        for rnd in range(1, n_rounds + 1):
+            runner.run_round(exp, state, rnd, pool=pool)
+            r = state.records[-1]
+            overhead = r["seconds_other"] + r["seconds_aggregate"]
+            print(
+                f"workers={workers} round {rnd}: {r['seconds']:.1f} s = train {r['seconds_train']:.1f} + "
+                f"eval {r['seconds_eval']:.1f} + aggregate {r['seconds_aggregate']:.3f} + other "
+                f"{r['seconds_other']:.3f}; neither training nor evaluation: {100 * overhead / r['seconds']:.2f}% "
+                f"({'PASS' if overhead <= 0.05 * r['seconds'] else 'FAIL'} ≤ 5%); load {os.getloadavg()[0]:.1f}"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--method", default="flora_na")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    base = [
+        f"data.num_clients={args.clients}",
+        f"train.local_steps={args.steps}",
+        f"federation.method={args.method}",
+    ]
+    cfg0 = config.load_config(None, [*base, "federation.workers=0"])
+    exp = runner.setup(cfg0)
+    peft_io.set_trainable(exp.model, frozenset({"A", "B"}))
+    throughput(exp, args.steps, args.repeats)
+    del exp
+    for w in args.workers:
+        rounds(config.load_config(None, [*base, f"federation.workers={w}"]), args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Markdown tables for docs/results.md from the runs of scripts/evidence.sh.
+
+    .venv/bin/python scripts/collect_evidence.py [runs/evidence]
+
+One table per (dataset, alpha, seed) cell, a mean ± std table over the seeds of each cell that has several, and
+the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u with ρ_u = ‖B̃_u‖_F / ‖A_u‖_F (1 means
+every client has the same LoRA gauge; FLoRA-NA can only beat FedIT by much when this spread is large).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from fedlora.plots import markdown_table, read_metrics
+
+COLUMNS = [
+    ("final_global_accuracy", "final global acc", "{:.4f}"),
+    ("best_global_accuracy", "best global acc", "{:.4f}"),
+    ("mean_local_accuracy", "mean local acc", "{:.4f}"),
+    ("final_local_global_gap", "local-global gap", "{:+.4f}"),
+    ("mean_divergence", "mean divergence", "{:.3g}"),
+    ("total_bytes_up", "MB up", "mb"),
+    ("total_bytes_down", "MB down", "mb"),
+    ("wall_seconds", "seconds", "{:.0f}"),
+]
+
+
+def _fmt(values: list[float], fmt: str) -> str:
+    if fmt == "mb":
+        values = [v / 1e6 for v in values]
+        fmt = "{:.2f}"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))}"
+
+
+def balance_spread(run: Path) -> tuple[float, float]:
+    """(median over rounds, max over rounds) of max_u ρ_u / min_u ρ_u."""
+    spreads = []
+    for r in read_metrics(run):
+        b = [x for x in r.get("client_balance", []) if x == x and x > 0]
+        if b:
+            spreads.append(max(b) / min(b))
+    return (statistics.median(spreads), max(spreads)) if spreads else (float("nan"), float("nan"))
+
+
+def main(root: Path) -> None:
+    cells = sorted(p for p in root.iterdir() if (p / "comparison.json").exists())
+    by_setting: dict[str, list[dict]] = defaultdict(list)
+    for cell in cells:
+        summaries = json.loads((cell / "comparison.json").read_text())
+        print(f"### {cell.name}\n")
+        print(markdown_table(summaries))
+        spreads = {m: balance_spread(cell / m) for m in summaries}
+        print(
+            "B/A balance spread max ρ / min ρ (median over rounds, max): "
+            + ", ".join(f"{m} {a:.2f} ({b:.2f})" for m, (a, b) in spreads.items())
+            + "\n"
+        )
+        by_setting[cell.name.rsplit("-seed", 1)[0]].append(summaries)
+    for setting, seeds in by_setting.items():
+        if len(seeds) < 2:
+            continue
+        print(f"### {setting}: mean ± std over {len(seeds)} seeds\n")
+        print("| method | " + " | ".join(t for _, t, _ in COLUMNS) + " |")
+        print("|---" * (len(COLUMNS) + 1) + "|")
+        for m in seeds[0]:
+            vals = [_fmt([s[m][k] for s in seeds], f) for k, _, f in COLUMNS]
+            print(f"| {m} | " + " | ".join(vals) + " |")
+        print()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/evidence"))
