@@ -32,93 +32,111 @@ F64 = torch.float64
 NULL_EIG = 1e-13
 
 
+Array = np.ndarray
+
+
+def _np(t: Tensor) -> Array:
+    return t.detach().to(F64).numpy()
+
+
 class Oracle:
-    """The pieces of f for one module, from which every solver works. Subclasses define the primitives."""
+    """The pieces of f for one module, from which every solver works; numpy float64 (the small problem is
+    dominated by call overhead, which numpy keeps to microseconds). Subclasses define the primitives."""
 
     U: int
-    N: Tensor  # (U, U)
+    N: Array  # (U, U)
     m2: float  # ‖M‖²
 
-    def SB(self, x: Tensor, y: Tensor) -> Tensor:  # B̂(x)ᵀB̂(y), (r, r)
+    def SB(self, x: Array, y: Array) -> Array:  # B̂(x)ᵀB̂(y), (r, r)
         raise NotImplementedError
 
-    def SA(self, x: Tensor, y: Tensor) -> Tensor:  # Â(x)Â(y)ᵀ, (r, r)
+    def SA(self, x: Array, y: Array) -> Array:  # Â(x)Â(y)ᵀ, (r, r)
         raise NotImplementedError
 
-    def Hp(self, q: Tensor) -> Tensor:  # H_p[u,t] = ⟨B_uÂ, B_tÂ⟩, (U, U)
+    def Hp(self, q: Array) -> Array:  # H_p[u,t] = ⟨B_uÂ, B_tÂ⟩, (U, U)
         raise NotImplementedError
 
-    def Hq(self, p: Tensor) -> Tensor:  # H_q[v,s] = ⟨B̂A_v, B̂A_s⟩, (U, U)
+    def Hq(self, p: Array) -> Array:  # H_q[v,s] = ⟨B̂A_v, B̂A_s⟩, (U, U)
         raise NotImplementedError
 
-    def E(self, p: Tensor) -> Tensor:  # E_u = B̂ᵀB_u, (U, r, r)
+    def E(self, p: Array) -> Array:  # E_u = B̂ᵀB_u, (U, r, r)
         raise NotImplementedError
 
-    def F(self, q: Tensor) -> Tensor:  # F_v = ÂA_vᵀ, (U, r, r)
+    def F(self, q: Array) -> Array:  # F_v = ÂA_vᵀ, (U, r, r)
         raise NotImplementedError
 
     # ---- derived ----------------------------------------------------------------------------------------------
-    def f(self, p: Tensor, q: Tensor) -> float:
-        return float((self.SB(p, p) * self.SA(q, q)).sum() - 2 * p @ self.N @ q) + self.m2
+    def f(self, p: Array, q: Array) -> float:
+        return float(np.vdot(self.SB(p, p), self.SA(q, q)) - 2 * p @ self.N @ q) + self.m2
 
-    def grad_hess(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    def grad_hess(self, p: Array, q: Array) -> tuple[Array, Array]:
         """∇f and ∇²f over x = (p, q), (2U,) and (2U, 2U) (aggregation-math.md B3)."""
         E, F = self.E(p), self.F(q)
         SA, SB = self.SA(q, q), self.SB(p, p)
-        gp = 2 * (torch.einsum("uij,ij->u", E, SA) - self.N @ q)
-        gq = 2 * (torch.einsum("vij,ij->v", F.transpose(1, 2), SB) - self.N.T @ p)
-        Hpq = 2 * (torch.einsum("uij,vij->uv", E, F) + torch.einsum("uji,vij->uv", E, F) - self.N)
-        H = torch.cat([torch.cat([2 * self.Hp(q), Hpq], 1), torch.cat([Hpq.T, 2 * self.Hq(p)], 1)], 0)
-        return torch.cat([gp, gq]), H
+        gp = 2 * (np.einsum("uij,ij->u", E, SA) - self.N @ q)
+        gq = 2 * (np.einsum("vji,ij->v", F, SB) - self.N.T @ p)
+        Ef, Ff = E.reshape(self.U, -1), F.reshape(self.U, -1)
+        Hpq = 2 * (Ef @ Ff.T + E.transpose(0, 2, 1).reshape(self.U, -1) @ Ff.T - self.N)
+        H = np.block([[2 * self.Hp(q), Hpq], [Hpq.T, 2 * self.Hq(p)]])
+        return np.concatenate([gp, gq]), H
 
-    def quartic(self, p: Tensor, q: Tensor, dp: Tensor, dq: Tensor) -> np.ndarray:
+    def quartic(self, p: Array, q: Array, dp: Array, dq: Array) -> Array:
         """Coefficients c_0..c_4 of f(p + α dp, q + α dq) = Σ c_j α^j."""
         b = [self.SB(p, p), self.SB(p, dp) + self.SB(dp, p), self.SB(dp, dp)]
         a = [self.SA(q, q), self.SA(q, dq) + self.SA(dq, q), self.SA(dq, dq)]
         c = np.zeros(5)
         for i in range(3):
             for j in range(3):
-                c[i + j] += float((b[i] * a[j]).sum())
+                c[i + j] += float(np.vdot(b[i], a[j]))
         c[0] += self.m2 - 2 * float(p @ self.N @ q)
         c[1] -= 2 * float(dp @ self.N @ q + p @ self.N @ dq)
         c[2] -= 2 * float(dp @ self.N @ dq)
         return c
 
-    def traces(self, p: Tensor, q: Tensor) -> tuple[float, float]:
+    def traces(self, p: Array, q: Array) -> tuple[float, float]:
         """(‖B̂‖_F², ‖Â‖_F²)."""
-        return float(self.SB(p, p).trace()), float(self.SA(q, q).trace())
+        return float(np.trace(self.SB(p, p))), float(np.trace(self.SA(q, q)))
 
 
 class GramOracle(Oracle):
-    """Pieces from the r×r Gram blocks (U, r, U, r), float64. Cost (d+k)n² once, then O(U²r² + U³r²)."""
+    """Pieces from the r×r Gram blocks, float64. Cost (d+k)n² once (two SYRKs in torch), then one GEMV over a
+    U²r² array per call, independent of d and k.
+
+    The blocks are stored as T^B[u,t,i,j] = (B_uᵀB_t)_ij and T^A[u,t,i,j] = (A_uA_tᵀ)_ij, (U, U, r, r)."""
 
     def __init__(self, Bs: Sequence[Tensor], As: Sequence[Tensor], t: Tensor) -> None:
         U, r = len(Bs), Bs[0].shape[1]
         Bt = torch.cat([B.to(F64).T for B in Bs], 0)  # (n, d): rows B_uᵀ
         A = torch.cat([A.to(F64) for A in As], 0)  # (n, k)
-        self.U = U
-        self.GB = (Bt @ Bt.T).reshape(U, r, U, r)  # G^B[u,i,t,j] = (B_uᵀB_t)_ij
-        self.GA = (A @ A.T).reshape(U, r, U, r)  # G^A[u,i,t,j] = (A_uA_tᵀ)_ij
-        self.N = torch.einsum("uitj,t,vitj->uv", self.GB, t.to(F64), self.GA)
-        self.m2 = float(t.to(F64) @ self.N.diagonal())  # Σ_u t_u N_uu = ‖M‖²
+        self.U, self.r = U, r
+        self.TB = np.ascontiguousarray(_np(Bt @ Bt.T).reshape(U, r, U, r).transpose(0, 2, 1, 3))
+        self.TA = np.ascontiguousarray(_np(A @ A.T).reshape(U, r, U, r).transpose(0, 2, 1, 3))
+        tw = _np(t)
+        self.N = (self.TB * tw[None, :, None, None]).reshape(U, -1) @ self.TA.reshape(
+            U, -1
+        ).T  # Σ_t t_t⟨G^B_ut, G^A_vt⟩
+        self.m2 = float(tw @ self.N.diagonal())  # Σ_u t_u N_uu = ‖M‖²
 
-    def SB(self, x: Tensor, y: Tensor) -> Tensor:
-        return torch.einsum("u,uitj,t->ij", x, self.GB, y)
+    def _pair(self, T: Array, x: Array, y: Array) -> Array:  # Σ_ut x_u y_t T[u,t]
+        return (y @ (x @ T.reshape(self.U, -1)).reshape(self.U, -1)).reshape(self.r, self.r)
 
-    def SA(self, x: Tensor, y: Tensor) -> Tensor:
-        return torch.einsum("u,uitj,t->ij", x, self.GA, y)
+    def SB(self, x: Array, y: Array) -> Array:
+        return self._pair(self.TB, x, y)
 
-    def Hp(self, q: Tensor) -> Tensor:
-        return torch.einsum("uitj,ij->ut", self.GB, self.SA(q, q))
+    def SA(self, x: Array, y: Array) -> Array:
+        return self._pair(self.TA, x, y)
 
-    def Hq(self, p: Tensor) -> Tensor:
-        return torch.einsum("uitj,ij->ut", self.GA, self.SB(p, p))
+    def Hp(self, q: Array) -> Array:
+        return (self.TB.reshape(self.U * self.U, -1) @ self.SA(q, q).ravel()).reshape(self.U, self.U)
 
-    def E(self, p: Tensor) -> Tensor:
-        return torch.einsum("t,tiuj->uij", p, self.GB)
+    def Hq(self, p: Array) -> Array:
+        return (self.TA.reshape(self.U * self.U, -1) @ self.SB(p, p).ravel()).reshape(self.U, self.U)
 
-    def F(self, q: Tensor) -> Tensor:
-        return torch.einsum("s,sivj->vij", q, self.GA)
+    def E(self, p: Array) -> Array:  # E_u = Σ_t p_t (B_tᵀB_u)
+        return (p @ self.TB.reshape(self.U, -1)).reshape(self.U, self.r, self.r)
+
+    def F(self, q: Array) -> Array:  # F_v = Σ_s q_s (A_sA_vᵀ)
+        return (q @ self.TA.reshape(self.U, -1)).reshape(self.U, self.r, self.r)
 
 
 class FactorOracle(Oracle):
@@ -127,44 +145,45 @@ class FactorOracle(Oracle):
 
     def __init__(self, Bs: Sequence[Tensor], As: Sequence[Tensor], t: Tensor) -> None:
         self.U = len(Bs)
-        self.B = torch.stack([B.to(F64) for B in Bs], 0)  # (U, d, r)
-        self.A = torch.stack([A.to(F64) for A in As], 0)  # (U, r, k)
-        M = torch.einsum("u,udr,urk->dk", t.to(F64), self.B, self.A)  # (d, k)
-        MA = torch.einsum("dk,vrk->vdr", M, self.A)  # M A_vᵀ
-        self.N = torch.einsum("udr,vdr->uv", self.B, MA)  # ⟨B_u, M A_vᵀ⟩
+        B = torch.stack([B.to(F64) for B in Bs], 0)  # (U, d, r)
+        A = torch.stack([A.to(F64) for A in As], 0)  # (U, r, k)
+        M = torch.einsum("u,udr,urk->dk", t.to(F64), B, A)  # (d, k)
+        MA = torch.einsum("dk,vrk->vdr", M, A)  # M A_vᵀ
+        self.N = _np(torch.einsum("udr,vdr->uv", B, MA))  # ⟨B_u, M A_vᵀ⟩
         self.m2 = float((M * M).sum())
+        self.B, self.A = B.numpy(), A.numpy()
 
-    def _Bhat(self, x: Tensor) -> Tensor:
-        return torch.einsum("u,udr->dr", x, self.B)
+    def _Bhat(self, x: Array) -> Array:
+        return np.tensordot(x, self.B, 1)
 
-    def _Ahat(self, x: Tensor) -> Tensor:
-        return torch.einsum("u,urk->rk", x, self.A)
+    def _Ahat(self, x: Array) -> Array:
+        return np.tensordot(x, self.A, 1)
 
-    def SB(self, x: Tensor, y: Tensor) -> Tensor:
+    def SB(self, x: Array, y: Array) -> Array:
         return self._Bhat(x).T @ self._Bhat(y)
 
-    def SA(self, x: Tensor, y: Tensor) -> Tensor:
+    def SA(self, x: Array, y: Array) -> Array:
         return self._Ahat(x) @ self._Ahat(y).T
 
-    def Hp(self, q: Tensor) -> Tensor:
-        Y = torch.einsum("udr,rs->uds", self.B, _psd_root(self.SA(q, q))).flatten(1)  # Y_u = B_u L
+    def Hp(self, q: Array) -> Array:
+        Y = (self.B @ _psd_root(self.SA(q, q))).reshape(self.U, -1)  # Y_u = B_u L
         return Y @ Y.T
 
-    def Hq(self, p: Tensor) -> Tensor:
-        Z = torch.einsum("rs,urk->usk", _psd_root(self.SB(p, p)), self.A).flatten(1)  # Z_v = Lᵀ A_v
+    def Hq(self, p: Array) -> Array:
+        Z = (_psd_root(self.SB(p, p)).T @ self.A).reshape(self.U, -1)  # Z_v = Lᵀ A_v
         return Z @ Z.T
 
-    def E(self, p: Tensor) -> Tensor:
-        return torch.einsum("di,udj->uij", self._Bhat(p), self.B)
+    def E(self, p: Array) -> Array:  # E_u = B̂ᵀB_u
+        return self._Bhat(p).T @ self.B
 
-    def F(self, q: Tensor) -> Tensor:
-        return torch.einsum("ik,ujk->uij", self._Ahat(q), self.A)
+    def F(self, q: Array) -> Array:  # F_v = ÂA_vᵀ
+        return self._Ahat(q) @ self.A.transpose(0, 2, 1)
 
 
-def _psd_root(S: Tensor) -> Tensor:
+def _psd_root(S: Array) -> Array:
     """L with L Lᵀ = S for a symmetric PSD S."""
-    lam, V = torch.linalg.eigh(S)
-    return V * lam.clamp_min(0).sqrt()
+    lam, V = np.linalg.eigh(S)
+    return V * np.sqrt(np.clip(lam, 0, None))
 
 
 class SumOracle(Oracle):
@@ -173,27 +192,27 @@ class SumOracle(Oracle):
     def __init__(self, parts: Sequence[Oracle]) -> None:
         self.parts = list(parts)
         self.U = parts[0].U
-        self.N = sum((o.N for o in parts), torch.zeros(self.U, self.U, dtype=F64))
+        self.N = sum((o.N for o in parts), np.zeros((self.U, self.U)))
         self.m2 = sum(o.m2 for o in parts)
 
-    def f(self, p: Tensor, q: Tensor) -> float:
+    def f(self, p: Array, q: Array) -> float:
         return sum(o.f(p, q) for o in self.parts)
 
-    def grad_hess(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    def grad_hess(self, p: Array, q: Array) -> tuple[Array, Array]:
         gs, Hs = zip(*(o.grad_hess(p, q) for o in self.parts), strict=True)
         return sum(gs), sum(Hs)  # type: ignore[return-value]
 
-    def quartic(self, p: Tensor, q: Tensor, dp: Tensor, dq: Tensor) -> np.ndarray:
+    def quartic(self, p: Array, q: Array, dp: Array, dq: Array) -> Array:
         return sum(o.quartic(p, q, dp, dq) for o in self.parts)  # type: ignore[return-value]
 
-    def traces(self, p: Tensor, q: Tensor) -> tuple[float, float]:
+    def traces(self, p: Array, q: Array) -> tuple[float, float]:
         tb, ta = zip(*(o.traces(p, q) for o in self.parts), strict=True)
         return sum(tb), sum(ta)
 
-    def Hp(self, q: Tensor) -> Tensor:
+    def Hp(self, q: Array) -> Array:
         return sum(o.Hp(q) for o in self.parts)  # type: ignore[return-value]
 
-    def Hq(self, p: Tensor) -> Tensor:
+    def Hq(self, p: Array) -> Array:
         return sum(o.Hq(p) for o in self.parts)  # type: ignore[return-value]
 
 
@@ -208,22 +227,22 @@ class Solution:
     iterations: int
 
 
-def _lstsq(H: Tensor, h: Tensor, ridge: float) -> Tensor:
+def _lstsq(H: Array, h: Array, ridge: float) -> Array:
     """argmin ‖H x − h‖ with optional ridge; the pseudo-inverse handles singular H (coinciding clients)."""
     if ridge > 0:
-        H = H + ridge * torch.eye(H.shape[0], dtype=H.dtype) * max(float(H.diagonal().abs().max()), 1e-300)
-    return torch.linalg.pinv(H, hermitian=True, rtol=1e-13) @ h
+        H = H + ridge * np.eye(H.shape[0]) * max(float(np.abs(H.diagonal()).max()), 1e-300)
+    return np.linalg.pinv(H, rcond=1e-13, hermitian=True) @ h
 
 
-def als_sweep(o: Oracle, p: Tensor, q: Tensor, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
+def als_sweep(o: Oracle, p: Array, q: Array, ridge: float = 0.0) -> tuple[Array, Array]:
     """One sweep: p ← H_p(q)⁺ N q, then q ← H_q(p)⁺ Nᵀ p. Each half-step is an exact minimisation."""
     p = _lstsq(o.Hp(q), o.N @ q, ridge)
     q = _lstsq(o.Hq(p), o.N.T @ p, ridge)
     return p, q
 
 
-def _line_search(o: Oracle, p: Tensor, q: Tensor, dp: Tensor, dq: Tensor) -> float:
-    """The exact minimiser of the quartic f(α) over α ≥ 0 and α = 0 (roots of the cubic f′)."""
+def _line_search(o: Oracle, p: Array, q: Array, dp: Array, dq: Array) -> float:
+    """The exact minimiser of the quartic f(α) among α = 0, 1 and the real roots of the cubic f′."""
     c = o.quartic(p, q, dp, dq)
     deriv = [4 * c[4], 3 * c[3], 2 * c[2], c[1]]
     roots = [float(z.real) for z in np.roots(deriv) if abs(z.imag) < 1e-9 * (1 + abs(z.real))] if any(deriv) else []
@@ -232,16 +251,16 @@ def _line_search(o: Oracle, p: Tensor, q: Tensor, dp: Tensor, dq: Tensor) -> flo
     return cands[int(np.argmin(values))]
 
 
-def _newton_step(o: Oracle, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+def _newton_step(o: Oracle, p: Array, q: Array) -> tuple[Array, Array]:
     """Saddle-free Newton direction: −V |Λ|⁻¹ Vᵀ g, with |λ| < 1e-13·max treated as null."""
     g, H = o.grad_hess(p, q)
-    lam, V = torch.linalg.eigh(H)
-    keep = lam.abs() > NULL_EIG * lam.abs().max()
-    step = -(V[:, keep] @ ((V[:, keep].T @ g) / lam[keep].abs()))
+    lam, V = np.linalg.eigh(H)
+    keep = np.abs(lam) > NULL_EIG * np.abs(lam).max()
+    step = -(V[:, keep] @ ((V[:, keep].T @ g) / np.abs(lam[keep])))
     return step[: o.U], step[o.U :]
 
 
-def _balance(o: Oracle, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+def _balance(o: Oracle, p: Array, q: Array) -> tuple[Array, Array]:
     """Gauge (p, q) → (c p, q / c) with ‖B̂‖ = ‖Â‖; f is unchanged, the Hessian better conditioned."""
     tb, ta = o.traces(p, q)
     if tb <= 0 or ta <= 0:
@@ -259,7 +278,7 @@ def solve(
     ridge: float = 0.0,
 ) -> Solution:
     """Minimise f from FedIT (p = q = w); never returns a point worse than FedIT."""
-    p = q = w.to(F64)
+    p = q = _np(w)
     f0 = o.f(p, q)
     best = (f0, p, q)
     its = 0
@@ -279,12 +298,11 @@ def solve(
         fv = o.f(p, q)
         if fv < best[0]:
             best = (fv, p, q)
-        scale = max(o.m2, 1e-300)
-        if prev - fv <= tol * scale and its > 2:
+        if prev - fv <= tol * max(o.m2, 1e-300) and its > 2:
             break
         prev = fv
     f, p, q = best
-    return Solution(p, q, f, f0, its)
+    return Solution(torch.from_numpy(np.array(p)), torch.from_numpy(np.array(q)), f, f0, its)
 
 
 def solve_adam(
@@ -324,11 +342,11 @@ def gauge(o: Oracle, p: Tensor, q: Tensor, w: Tensor, rule: str) -> tuple[Tensor
     "fedit_ratio": ‖B̂‖_F / ‖Â‖_F equals FedIT's ratio ‖Σ w B‖ / ‖Σ w A‖ (default, conventions.md §3);
     "balanced": ‖B̂‖_F = ‖Â‖_F.
     """
-    tb, ta = o.traces(p, q)
+    tb, ta = o.traces(_np(p), _np(q))
     if tb <= 0 or ta <= 0:
         return p, q
     if rule == "fedit_ratio":
-        wb, wa = o.traces(w.to(F64), w.to(F64))
+        wb, wa = o.traces(_np(w), _np(w))
         target = math.sqrt(wb / wa) if wa > 0 and wb > 0 else 1.0
     elif rule == "balanced":
         target = 1.0
