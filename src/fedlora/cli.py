@@ -224,7 +224,8 @@ def list_methods() -> None:
     from fedlora import methods
 
     table = Table(title="fedlora methods (sizes per adapted d×k matrix, per client, per round)")
-    for col in ("key", "exact", "hetero ranks", "writes base", "per-client download", "uplink", "downlink", "paper"):
+    columns = ("key", "exact", "hetero ranks", "writes base", "personal", "per-client download", "variants")
+    for col in (*columns, "uplink", "downlink", "paper"):
         table.add_column(col, overflow="fold")
     for name in methods.available():
         c = methods.capabilities(name)
@@ -234,7 +235,9 @@ def list_methods() -> None:
             yes[c.exact],
             c.heterogeneous_ranks,
             yes[c.writes_base],
+            yes[c.personalised],
             yes[c.per_client_download],
+            ", ".join(c.variants),
             c.uplink,
             c.downlink,
             c.paper,
