@@ -13,8 +13,8 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from fedlora import data as datamod
 from fedlora import methods, peft_io
 from fedlora.methods.base import ClientInfo, GlobalModel, Method, ModelInfo
 from fedlora.training import Encoded, TrainSettings, accuracy_loss, evaluate, train_client
-from fedlora.types import AggregationReport, Contribution, Payload
+from fedlora.types import AggregationReport, Contribution, ModuleError, Payload
 from fedlora.workers import EvalTask, TrainTask, WorkerPool
 
 CHECKPOINT = "checkpoint.pt"
@@ -71,8 +71,12 @@ def train_settings(cfg: cfgmod.ExperimentConfig) -> TrainSettings:
     return TrainSettings(t.lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs)
 
 
-def setup(cfg: cfgmod.ExperimentConfig) -> Experiment:
-    """Load data and model, partition, tokenise, build the method: every bad input fails here."""
+def setup(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) -> Experiment:
+    """Load data and model, partition, tokenise, build the method: every bad input fails here.
+
+    ``clients``: tokenise only these clients' splits (a Flower node loads only its own partition, the Flower
+    server none); the others keep their example count and empty data. None: every client.
+    """
     if cfg.model.task != "seq_cls":
         raise ValueError(
             f"model.task = {cfg.model.task!r}: federated training and evaluation support 'seq_cls' so far "
@@ -110,12 +114,39 @@ def setup(cfg: cfgmod.ExperimentConfig) -> Experiment:
     )
     _, extras = peft_io.read_adapter(model)
     info = ModelInfo(peft_io.module_specs(model), max(ranks), extras)
+    if methods.capabilities(cfg.federation.method).needs_base_weights:
+        scales = {m: peft_io.lora_scale(model, m) for m in info.specs}
+        info = replace(info, base_weights=_base_weights(model), scales=scales)
 
     def enc(part: datamod.TextDataset) -> Encoded:
         return datamod.tokenize(part, tokenizer, d.max_length)
 
-    clients = [ClientData(enc(tr), enc(te), len(tr.labels)) for tr, te in fed.clients]
-    return Experiment(cfg, method, model, info, clients, enc(fed.test), ranks, list(fed.label_names))
+    keep = set(range(d.num_clients)) if clients is None else set(clients)
+    parts = [
+        ClientData(enc(tr), enc(te), len(tr.labels)) if c in keep else ClientData({}, {}, len(tr.labels))
+        for c, (tr, te) in enumerate(fed.clients)
+    ]
+    return Experiment(cfg, method, model, info, parts, enc(fed.test), ranks, list(fed.label_names))
+
+
+def _base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """W0 of every adapted module as a float32 copy in (out, in) orientation (GPT-2 Conv1D stores (in, out)).
+
+    For methods that declare ``needs_base_weights`` (FRLoRA). It belongs in ``peft_io`` (layout knowledge);
+    it lives here until that module grows a public equivalent.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    root = model.base_model.model
+    out = {}
+    for m, spec in peft_io.module_specs(model).items():
+        layer = root.get_submodule(m).get_base_layer()
+        w = layer.weight.detach().to(torch.float32, copy=True)
+        w = w.T.contiguous() if isinstance(layer, Conv1D) else w
+        if tuple(w.shape) != (spec.d, spec.k):
+            raise ValueError(f"base weight of {m!r} is {tuple(w.shape)} in (out, in), expected {(spec.d, spec.k)}")
+        out[m] = w
+    return out
 
 
 def sample_clients(exp: Experiment, rnd: int) -> list[int]:
@@ -124,8 +155,9 @@ def sample_clients(exp: Experiment, rnd: int) -> list[int]:
     k = exp.cfg.federation.clients_per_round or n
     if k == n:
         return list(range(n))
-    gen = torch.Generator().manual_seed(derive_seed(exp.cfg.seed, SAMPLING, rnd))
-    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+    # numpy: torch.randperm's first elements correlate across seeds for small n, which would bias the sample
+    rng = np.random.default_rng(derive_seed(exp.cfg.seed, SAMPLING, rnd))
+    return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
 
 
 @dataclass(frozen=True)
@@ -163,6 +195,21 @@ def eval_set(exp: Experiment, target: tuple[Any, ...]) -> Encoded:
     if target[0] == "test":
         return {k: v[target[1] : target[2]] for k, v in exp.test.items()}
     return exp.clients[target[1]].test
+
+
+def global_model(exp: Experiment, state: RunState) -> tuple[GlobalModel, Mapping[str, ModuleError] | None]:
+    """The model evaluated and saved as the global one: ``method.export(server state)``, unless the method
+    defines the optional ``evaluation_model(server_state, client_states) -> (GlobalModel, {module: ModuleError})``.
+
+    That hook is for personalised methods whose global model needs what stays on the clients (FedSA-LoRA: Ā with
+    the weighted mean of the clients' own B and heads), computed for evaluation only and never sent; its errors
+    replace the aggregation report's (the server alone cannot measure them). In process the client states are at
+    hand; on Flower they will come from the nodes' reported state.
+    """
+    hook = getattr(exp.method, "evaluation_model", None)
+    if hook is None:
+        return exp.method.export(state.server), None
+    return hook(state.server, state.clients)
 
 
 def load_global(exp: Experiment, model: GlobalModel) -> None:
@@ -259,7 +306,7 @@ def _evaluate_global(
     exp: Experiment, state: RunState, clients: Sequence[int], pool: WorkerPool | None
 ) -> tuple[tuple[float, float], dict[int, float]]:
     """The global model on the held-out test set and on each given client's own test split."""
-    exported = exp.method.export(state.server)
+    exported = global_model(exp, state)[0]
     if pool is None:
         load_global(exp, exported)
         return evaluate(exp.model, exp.test), {c: evaluate(exp.model, exp.clients[c].test)[0] for c in clients}
@@ -277,16 +324,31 @@ def _evaluate_global(
     return accuracy_loss(test), {c: accuracy_loss(sums[("client", c)])[0] for c in clients}  # type: ignore[arg-type]
 
 
+Trainer = Callable[[Experiment, RunState, int], tuple[list[ClientOutcome], dict[int, str]]]
+"""(exp, state, rnd) -> every sampled client's outcome in client order, and the failures (client -> reason)."""
+Evaluator = Callable[[Experiment, RunState, Sequence[int]], tuple[tuple[float, float], dict[int, float]]]
+"""(exp, state, clients) -> (global accuracy, loss) on the test set, and each client's accuracy on its split."""
+
+
 def run_round(
     exp: Experiment,
     state: RunState,
     rnd: int,
     on_client: Callable[[int], None] | None = None,
     pool: WorkerPool | None = None,
+    trainer: Trainer | None = None,
+    evaluator: Evaluator | None = None,
 ) -> None:
-    """One round, in place on ``state``. A client that raises is left out; fewer than min_clients fails."""
+    """One round, in place on ``state``. A client that raises is left out; fewer than min_clients fails.
+
+    ``trainer`` / ``evaluator`` replace the local client training and global evaluation (the Flower engines
+    train and evaluate on their nodes); the aggregation, checks and the metrics record stay here.
+    """
     started = time.perf_counter()
-    outcomes, failed = _train_clients(exp, state, rnd, pool, on_client)
+    if trainer is not None:
+        outcomes, failed = trainer(exp, state, rnd)
+    else:
+        outcomes, failed = _train_clients(exp, state, rnd, pool, on_client)
     if len(outcomes) < exp.cfg.federation.min_clients:
         raise RuntimeError(
             f"round {rnd}: {len(outcomes)} clients answered, fewer than federation.min_clients = "
@@ -296,13 +358,20 @@ def run_round(
         state.clients[o.contribution.client] = o.client_state
     t_agg = time.perf_counter()
     state.server, report = exp.method.aggregate(state.server, normalized([o.contribution for o in outcomes]), rnd)
+    errors = global_model(exp, state)[1]
+    report = replace(report, modules=errors) if errors else report
     t_eval = time.perf_counter()
-    global_eval, global_on_local = _evaluate_global(exp, state, [o.contribution.client for o in outcomes], pool)
+    evaluated = [o.contribution.client for o in outcomes]
+    if evaluator is not None:
+        global_eval, global_on_local = evaluator(exp, state, evaluated)
+    else:
+        global_eval, global_on_local = _evaluate_global(exp, state, evaluated, pool)
     done = time.perf_counter()
     train = sum(o.train_seconds for o in outcomes)
     local_eval = sum(o.eval_seconds for o in outcomes)
     client_wall = t_agg - started
-    share = client_wall / max(train + local_eval, 1e-12) if pool is not None else 1.0  # wall time, not CPU time
+    parallel = pool is not None or trainer is not None
+    share = client_wall / max(train + local_eval, 1e-12) if parallel else 1.0  # wall time, not CPU time
     seconds = {
         "train": train * share,
         "aggregate": t_eval - t_agg,
@@ -354,7 +423,7 @@ def restore_model(exp: Experiment, state: RunState) -> None:
 
 def save_outputs(exp: Experiment, run_dir: Path, state: RunState) -> dict[str, Any]:
     """Final global adapter as a PEFT directory (+ base edits + head), and summary.json."""
-    load_global(exp, exp.method.export(state.server))
+    load_global(exp, global_model(exp, state)[0])
     peft_io.save_model_adapter(exp.model, run_dir / "adapter")
     edits = exp.method.export(state.server).base_edits
     if edits:
@@ -392,12 +461,12 @@ def run(
     resume: bool = False,
     progress: Any | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) an experiment in process; returns the run directory and the summary."""
+    """Run (or resume) an experiment; returns the run directory and the summary. ``federation.engine`` other
+    than ``inprocess`` runs on Flower (``fedlora.flower``), which writes the same run directory."""
     if cfg.federation.engine != "inprocess":
-        raise ValueError(
-            f"federation.engine = {cfg.federation.engine!r} is not available yet: the Flower engines are being "
-            "built; use 'inprocess'"
-        )
+        from fedlora import flower
+
+        return flower.run(cfg, run_dir, resume, progress)
     run_dir = run_dir or default_run_dir(cfg)
     if not resume:
         check_fresh_dir(run_dir)
