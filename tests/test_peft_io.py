@@ -237,8 +237,8 @@ def test_make_peft_model_and_targets_errors() -> None:
     kwargs = dict(r=R, alpha=ALPHA, dropout=0.0, rslora=False, task="seq_cls")
     with pytest.raises(ValueError, match=r"\['q_proj'\].*candidates: .*'query'"):
         peft_io.make_peft_model(tiny_bert(), target_modules=["query", "q_proj"], **kwargs)
-    with pytest.raises(ValueError, match="'hira' is not supported yet"):
-        peft_io.make_peft_model(tiny_bert(), target_modules=["query"], variant="hira", **kwargs)
+    with pytest.raises(ValueError, match="unknown model.lora.variant 'vera'"):
+        peft_io.make_peft_model(tiny_bert(), target_modules=["query"], variant="vera", **kwargs)
     assert peft_gpt2().peft_config["default"].fan_in_fan_out
     assert not peft_bert().peft_config["default"].fan_in_fan_out
 

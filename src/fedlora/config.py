@@ -244,7 +244,8 @@ class ExperimentConfig:
 
     Beyond each field, construction checks that ``model.lora.ranks`` has one rank per client and that the method
     accepts heterogeneous ranks, that ``federation.clients_per_round`` and ``federation.min_clients`` fit in
-    ``data.num_clients``, and that ``federation.method`` is registered and accepts the ``method.*`` values.
+    ``data.num_clients``, that ``federation.method`` is registered and accepts the ``method.*`` values, and that it
+    supports ``model.lora.variant`` (``Capabilities.variants``; HiRA never with a method that writes base weights).
     """
 
     seed: int = _spec(0, "a non-negative int", _non_negative)
@@ -288,6 +289,13 @@ class ExperimentConfig:
         ranks = self.model.lora.ranks
         if ranks is not None and len(set(ranks)) > 1 and heterogeneous == "no":
             raise _bad("model.lora.ranks", ranks, f"equal ranks: method {name!r} does not support heterogeneous ranks")
+        caps, variant = methods.capabilities(name), self.model.lora.variant
+        if variant == "hira" and caps.writes_base:
+            expected = f"'lora' or 'dora': method {name!r} writes base weights, which HiRA (ΔW = W0 ⊙ BA) cannot take"
+            raise _bad("model.lora.variant", variant, expected)
+        if variant not in caps.variants:
+            expected = f"one of {', '.join(map(repr, caps.variants))} (the variants method {name!r} supports)"
+            raise _bad("model.lora.variant", variant, expected)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,15 +6,28 @@ One naming scheme for every method and every transport (in-process, Flower Array
     extra.<name>                                fully trained tensors (the classifier head)
     base.<version>.<module>.left / .right       a factored base edit
     base.<version>.<module>.dense               a dense base edit
+    lora.<module>.A.values / .A.indices         a sparse factor (same for B): values at the dtype of the factor,
+                                                indices int32 (``INDEX_DTYPE``)
+
+Sparse factors (FLASC, FSLoRA): 1-D ``values`` pair with flat row-major indices into the factor (A is (r, k),
+B is (d, r)); 2-D ``values`` pair with indices along the rank axis (the rows of A, the columns of B), i.e. whole
+rank components. Indices are int32, 4 bytes each, counted in ``Payload.nbytes`` like every tensor: every LoRA
+factor has far fewer than 2^31 entries (``pack_sparse`` refuses larger index values), and int64 would double the
+index bytes for nothing. The receiver knows the dense shapes from its model (the server from ``ModelInfo``, a
+client from its download's ``meta``); shapes are never sent as tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from fedlora.types import Adapter, BaseEdit, LowRank
+
+INDEX_DTYPE = torch.int32
+"""The dtype of sparse indices on the wire (4 bytes each)."""
 
 
 def pack_adapter(adapter: Adapter, factors: str = "AB") -> dict[str, Tensor]:
@@ -80,3 +93,19 @@ def unpack_base_edits(tensors: Mapping[str, Tensor]) -> tuple[BaseEdit, ...]:
         BaseEdit(v, {m: LowRank(left[m], right[m]) for m in left}, dict(dense))
         for v, (left, right, dense) in sorted(by_version.items())
     )
+
+
+def pack_sparse(name: str, values: Tensor, indices: Tensor) -> dict[str, Tensor]:
+    """``<name>.values`` and ``<name>.indices`` (int32); ``name`` is e.g. ``lora.<module>.A``."""
+    if indices.numel() and int(indices.max()) > torch.iinfo(INDEX_DTYPE).max:
+        raise ValueError(f"{name}: index {int(indices.max())} does not fit the wire's {INDEX_DTYPE}")
+    return {f"{name}.values": values, f"{name}.indices": indices.to(INDEX_DTYPE)}
+
+
+def unpack_sparse(tensors: Mapping[str, Tensor], who: str = "payload") -> dict[str, tuple[Tensor, Tensor]]:
+    """``name`` -> (values, indices as int64) for every sparse tensor; each needs both parts."""
+    values = {n[: -len(".values")]: t for n, t in tensors.items() if n.endswith(".values")}
+    indices = {n[: -len(".indices")]: t for n, t in tensors.items() if n.endswith(".indices")}
+    if set(values) != set(indices):
+        raise ValueError(f"{who}: sparse tensors {sorted(set(values) ^ set(indices))} lack values or indices")
+    return {n: (values[n], indices[n].to(torch.int64)) for n in sorted(values)}

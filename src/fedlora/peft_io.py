@@ -12,6 +12,16 @@ Module names. A module is named by its path relative to the transformers model t
 ``PeftModel.save_pretrained`` writes with the ``base_model.model.`` prefix and the ``.lora_A.weight`` suffix
 removed, so adapters trained in memory and adapters read from disk carry identical names.
 
+HiRA (``model.lora.variant = "hira"``, PEFT's ``HiraConfig``). PEFT's HiRA layer computes
+``base(x) + (W0 ⊙ (hira_B @ hira_A)) x`` with ``hira_A`` (r, k) and ``hira_B`` (d, r) plain parameters (no α, no
+scale), saved as ``<module>.hira_A`` / ``<module>.hira_B``. Its canonical form is the *inner* product:
+B̃ = B (s = 1), A, so methods aggregate the B̃A inside the Hadamard product and the model applies
+ΔW = W0 ⊙ (B̃A). Base edits are refused on HiRA models: changing W0 would also change every Hadamard term (PEFT
+multiplies by the current base weight), so a method that writes base weights cannot run on HiRA.
+
+DoRA (``variant = "dora"``): the canonical factors are the directional LoRA part ΔV = s·B·A, aggregated by the
+method; the magnitude vector is an extra (below), averaged like the head by server-only methods.
+
 Extras (fully trained tensors) are named the same way: the saved key without ``base_model.model.``, e.g.
 ``classifier.weight`` and ``classifier.bias`` for a ``modules_to_save`` head, and
 ``<module>.lora_magnitude_vector`` for a DoRA magnitude (d,).
@@ -33,7 +43,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
+from peft import HiraConfig, LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.hira import HiraLayer
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -65,6 +76,10 @@ _PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 _MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+_HIRA_A_SUFFIX = ".hira_A"
+_HIRA_B_SUFFIX = ".hira_B"
+PeftType = Literal["LORA", "HIRA"]
+_SUFFIXES: dict[str, tuple[str, str]] = {"LORA": (_A_SUFFIX, _B_SUFFIX), "HIRA": (_HIRA_A_SUFFIX, _HIRA_B_SUFFIX)}
 _VERSION_ATTR = "_fedlora_base_version"
 _EDITS_META = "fedlora_base_edits"
 _EDITS_FORMAT_VERSION = 1
@@ -153,18 +168,29 @@ def make_peft_model(
     variant: Variant = "lora",
     task: Task,
 ) -> PeftModel:
-    """Wrap ``base`` with one PEFT LoRA adapter (``variant="dora"``: ``use_dora=True``).
+    """Wrap ``base`` with one PEFT LoRA adapter (``variant="dora"``: ``use_dora=True``; ``variant="hira"``: a PEFT
+    ``HiraConfig`` adapter of rank ``r`` with ``hira_dropout = dropout``; HiRA has no scale, so ``alpha`` is
+    ignored and ``rslora=True`` is refused).
 
     ``task="seq_cls"`` makes PEFT keep the classifier head in ``modules_to_save`` (trained fully, an extra).
     ``fan_in_fan_out`` is set when the targets are GPT-2 ``Conv1D`` layers. Every target pattern must match at
     least one nn.Linear / Conv1D module (PEFT's matching: the full name or its dotted suffix).
     """
-    if variant == "hira":
-        raise ValueError("model.lora.variant 'hira' is not supported yet; use 'lora' or 'dora'")
-    if variant not in ("lora", "dora"):
-        raise ValueError(f"unknown model.lora.variant {variant!r}; expected 'lora' or 'dora'")
+    if variant not in ("lora", "dora", "hira"):
+        raise ValueError(f"unknown model.lora.variant {variant!r}; expected 'lora', 'dora' or 'hira'")
     if task not in _TASK_TYPES:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_TYPES)}")
+    if variant == "hira":
+        if r < 1:
+            raise ValueError(f"HiRA needs r >= 1, got r={r}")
+        if rslora:
+            raise ValueError(
+                "model.lora.rslora = true with model.lora.variant = 'hira': HiRA has no scale (s = 1), so rsLoRA "
+                "does not apply; set model.lora.rslora = false"
+            )
+        hira = HiraConfig(task_type=_TASK_TYPES[task], r=r, hira_dropout=dropout, target_modules=list(target_modules))
+        hira.fan_in_fan_out = _targets_are_conv1d(base, hira, list(target_modules))
+        return get_peft_model(base, hira)
     if r < 1 or alpha <= 0:
         raise ValueError(f"LoRA needs r >= 1 and alpha > 0, got r={r}, alpha={alpha}")
     config = LoraConfig(
@@ -180,7 +206,7 @@ def make_peft_model(
     return get_peft_model(base, config)
 
 
-def _targets_are_conv1d(base: nn.Module, config: LoraConfig, patterns: list[str]) -> bool:
+def _targets_are_conv1d(base: nn.Module, config: LoraConfig | HiraConfig, patterns: list[str]) -> bool:
     """Check every pattern matches an nn.Linear / Conv1D module; True when all matches are Conv1D."""
     layers = {n: m for n, m in base.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     matched = {n: m for n, m in layers.items() if check_target_module_exists(config, n)}
@@ -216,9 +242,22 @@ def _root(peft_model: PeftModel) -> nn.Module:
     return _require_peft(peft_model).base_model.model
 
 
-def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+def peft_type(peft_model: PeftModel) -> PeftType:
+    """``"HIRA"`` when the active adapter is a PEFT ``HiraConfig`` adapter, else ``"LORA"`` (LoRA and DoRA)."""
+    config = _require_peft(peft_model).peft_config[peft_model.active_adapter]
+    return "HIRA" if isinstance(config, HiraConfig) else "LORA"
+
+
+def _is_adapted(module: nn.Module, adapter: str) -> bool:
+    return (isinstance(module, LoraLayer) and adapter in module.lora_A) or (
+        isinstance(module, HiraLayer) and adapter in module.hira_A
+    )
+
+
+def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer | HiraLayer]:
+    """The adapted layers of the active adapter (PEFT LoRA/DoRA or HiRA layers), by fedlora module name."""
     adapter = peft_model.active_adapter
-    layers = {n: m for n, m in _root(peft_model).named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    layers = {n: m for n, m in _root(peft_model).named_modules() if _is_adapted(m, adapter)}
     if not layers:
         raise ValueError(f"the PeftModel has no LoRA layer for its active adapter {adapter!r}")
     return dict(sorted(layers.items()))
@@ -230,7 +269,7 @@ def module_specs(peft_model: PeftModel) -> dict[str, ModuleSpec]:
 
 
 def lora_scale(peft_model: PeftModel, module: str) -> float:
-    """The LoRA scale s of one module: α/r, or α/√r with rsLoRA (per PEFT's rank/alpha patterns)."""
+    """The LoRA scale s of one module: α/r, or α/√r with rsLoRA (per PEFT's rank/alpha patterns); 1 for HiRA."""
     scales = _scales(peft_model)
     if module not in scales:
         raise ValueError(f"no LoRA module {module!r}; adapted modules include {list(scales)[:4]}")
@@ -239,7 +278,9 @@ def lora_scale(peft_model: PeftModel, module: str) -> float:
 
 def _scales(peft_model: PeftModel) -> dict[str, float]:
     adapter = peft_model.active_adapter
-    return {n: float(m.scaling[adapter]) for n, m in _lora_layers(peft_model).items()}
+    return {
+        n: 1.0 if isinstance(m, HiraLayer) else float(m.scaling[adapter]) for n, m in _lora_layers(peft_model).items()
+    }
 
 
 def _state_dict(peft_model: PeftModel) -> dict[str, Tensor]:
@@ -248,9 +289,12 @@ def _state_dict(peft_model: PeftModel) -> dict[str, Tensor]:
 
 
 def _split_state_dict(
-    tensors: Mapping[str, Tensor], where: str
+    tensors: Mapping[str, Tensor], where: str, kind: PeftType = "LORA"
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """Split PEFT-saved tensors into lora_A (r, k) and lora_B (d, r) per module, and extras, by fedlora name."""
+    """Split PEFT-saved tensors into A (r, k) and B (d, r) per module (``lora_A/lora_B.weight``, or
+    ``hira_A/hira_B`` for ``kind="HIRA"``), and extras, by fedlora name."""
+    a_suffix, b_suffix = _SUFFIXES[kind]
+    a_name, b_name = a_suffix.split(".")[1], b_suffix.split(".")[1]
     As: dict[str, Tensor] = {}
     Bs: dict[str, Tensor] = {}
     extras: dict[str, Tensor] = {}
@@ -258,26 +302,27 @@ def _split_state_dict(
         if not key.startswith(_PREFIX):
             raise ValueError(f"{where}: tensor {key!r} does not start with {_PREFIX!r} as PEFT adapter keys do")
         name = key[len(_PREFIX) :]
-        if name.endswith(_A_SUFFIX):
-            As[name[: -len(_A_SUFFIX)]] = tensor
-        elif name.endswith(_B_SUFFIX):
-            Bs[name[: -len(_B_SUFFIX)]] = tensor
-        elif ".lora_" in name and not name.endswith(_MAGNITUDE_SUFFIX):
+        if name.endswith(a_suffix):
+            As[name[: -len(a_suffix)]] = tensor
+        elif name.endswith(b_suffix):
+            Bs[name[: -len(b_suffix)]] = tensor
+        elif (".lora_" in name or ".hira_" in name) and not (kind == "LORA" and name.endswith(_MAGNITUDE_SUFFIX)):
             raise ValueError(
-                f"{where}: unsupported PEFT tensor {key!r}; fedlora reads lora_A/lora_B weights, DoRA magnitudes "
-                "and modules_to_save tensors"
+                f"{where}: unsupported PEFT tensor {key!r} in a {kind} adapter; fedlora reads {a_name}/{b_name}"
+                + (" weights, DoRA magnitudes" if kind == "LORA" else "")
+                + " and modules_to_save tensors"
             )
         else:
             extras[name] = tensor
     if set(As) != set(Bs):
-        raise ValueError(f"{where}: modules {sorted(set(As) ^ set(Bs))} have only one of lora_A and lora_B")
+        raise ValueError(f"{where}: modules {sorted(set(As) ^ set(Bs))} have only one of {a_name} and {b_name}")
     if not As:
-        raise ValueError(f"{where}: no LoRA tensors (keys ending in {_A_SUFFIX!r}) found")
+        raise ValueError(f"{where}: no {kind} tensors (keys ending in {a_suffix!r}) found")
     for m in As:
         A, B = As[m], Bs[m]
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(
-                f"{where}: module {m!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                f"{where}: module {m!r} has {a_name} {tuple(A.shape)} and {b_name} {tuple(B.shape)}, "
                 "expected (r, k) and (d, r)"
             )
     return As, Bs, extras
@@ -293,24 +338,26 @@ def _float_copies(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def read_adapter(peft_model: PeftModel) -> tuple[dict[str, LowRank], dict[str, Tensor]]:
-    """The active adapter in canonical form (ΔW = B̃A, B̃ = s·B) and the extras, as float32 copies."""
+    """The active adapter in canonical form (ΔW = B̃A, B̃ = s·B; for HiRA B̃ = B and ΔW = W0 ⊙ B̃A) and the
+    extras, as float32 copies."""
     layers = _lora_layers(peft_model)
-    As, Bs, extras = _split_state_dict(_state_dict(peft_model), "in-memory PeftModel")
+    As, Bs, extras = _split_state_dict(_state_dict(peft_model), "in-memory PeftModel", peft_type(peft_model))
     if set(As) != set(layers):
         raise ValueError(
-            f"in-memory PeftModel: LoRA layers {sorted(set(layers) - set(As))} have no lora_A/lora_B tensors and "
+            f"in-memory PeftModel: adapter layers {sorted(set(layers) - set(As))} have no A/B tensors and "
             f"tensors {sorted(set(As) - set(layers))} have no LoRA layer"
         )
     scales = _scales(peft_model)
     return {m: _canonical(As[m], Bs[m], scales[m]) for m in layers}, _float_copies(extras)
 
 
-def _peft_tensors(adapter: Adapter, scales: Mapping[str, float]) -> dict[str, Tensor]:
-    """Canonical factors -> PEFT-saved keys: lora_A.weight = A, lora_B.weight = B̃ / s."""
+def _peft_tensors(adapter: Adapter, scales: Mapping[str, float], kind: PeftType = "LORA") -> dict[str, Tensor]:
+    """Canonical factors -> PEFT-saved keys: lora_A.weight = A, lora_B.weight = B̃ / s (HiRA: hira_A, hira_B)."""
+    a_suffix, b_suffix = _SUFFIXES[kind]
     out = {}
     for m, lr in sorted(adapter.items()):
-        out[f"{_PREFIX}{m}{_A_SUFFIX}"] = lr.A.detach().to(torch.float32).contiguous()
-        out[f"{_PREFIX}{m}{_B_SUFFIX}"] = (lr.B.detach().to(torch.float32) / scales[m]).contiguous()
+        out[f"{_PREFIX}{m}{a_suffix}"] = lr.A.detach().to(torch.float32).contiguous()
+        out[f"{_PREFIX}{m}{b_suffix}"] = (lr.B.detach().to(torch.float32) / scales[m]).contiguous()
     return out
 
 
@@ -342,11 +389,16 @@ def _check_extras(extras: Mapping[str, Tensor], current: Mapping[str, Tensor], w
 
 def _set_rank(peft_model: PeftModel, rank: int) -> None:
     """Re-create every LoRA layer whose rank differs from ``rank`` (PEFT ``update_layer``, α kept, so s
-    follows r). The new parameters replace the old ones: build optimisers and call ``set_trainable`` after."""
+    follows r; HiRA layers have no α). The new parameters replace the old ones: build optimisers and call
+    ``set_trainable`` after."""
     adapter = peft_model.active_adapter
     config = peft_model.peft_config[adapter]
     for layer in _lora_layers(peft_model).values():
-        if layer.r[adapter] != rank:
+        if layer.r[adapter] == rank:
+            continue
+        if isinstance(layer, HiraLayer):
+            layer.update_layer(adapter, rank, config=config)
+        else:
             layer.update_layer(adapter, rank, layer.lora_alpha[adapter], config=config)
     config.r = rank
     config.rank_pattern = {}
@@ -362,30 +414,38 @@ def write_adapter(
 ) -> None:
     """Load canonical factors into the active adapter so that the forward pass applies exactly ΔW = B̃A.
 
-    PEFT's factors become A and B = B̃ / s, with s the module's scale at ``rank`` (the adapter is re-created at
+    PEFT's factors become A and B = B̃ / s (HiRA: s = 1), with s the module's scale at ``rank`` (re-created at
     ``rank`` first if its rank differs). ``adapter=None``: a fresh PEFT-style init seeded by ``seed``
     (``fedlora.methods.base.fresh_adapter``: A ~ U(−1/√k, 1/√k), B = 0). Extras given overwrite the model's
     (e.g. the classifier head); extras not given keep their values.
     """
     if rank < 1:
         raise ValueError(f"write_adapter: rank must be >= 1, got {rank}")
-    current = _split_state_dict(_state_dict(peft_model), "in-memory PeftModel")[2]
+    kind = peft_type(peft_model)
+    current = _split_state_dict(_state_dict(peft_model), "in-memory PeftModel", kind)[2]
     _check_extras(extras, current, "write_adapter")
     if adapter is not None:
         _check_adapter(adapter, module_specs(peft_model), rank, "write_adapter")
     kept = {n: t.detach().clone() for n, t in current.items()} | dict(extras)  # survives _set_rank
     _set_rank(peft_model, rank)
     factors = fresh_adapter(module_specs(peft_model), rank, seed) if adapter is None else adapter
-    tensors = _peft_tensors(factors, _scales(peft_model)) | {f"{_PREFIX}{n}": t for n, t in kept.items()}
+    tensors = _peft_tensors(factors, _scales(peft_model), kind) | {f"{_PREFIX}{n}": t for n, t in kept.items()}
     result = set_peft_model_state_dict(peft_model, tensors, adapter_name=peft_model.active_adapter)
     if result.unexpected_keys:
         raise RuntimeError(f"write_adapter: PEFT did not load {sorted(result.unexpected_keys)[:4]}")
 
 
 def lora_parameters(peft_model: PeftModel) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
-    """The live (lora_A, lora_B) parameters of the active adapter per module, for training-time penalties."""
+    """The live (A, B) parameters of the active adapter per module (PEFT's lora_A/lora_B weights, or hira_A/hira_B),
+    for training-time penalties."""
     adapter = peft_model.active_adapter
-    return {n: (m.lora_A[adapter].weight, m.lora_B[adapter].weight) for n, m in _lora_layers(peft_model).items()}
+    out: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+    for n, m in _lora_layers(peft_model).items():
+        if isinstance(m, HiraLayer):
+            out[n] = (m.hira_A[adapter], m.hira_B[adapter])
+        else:
+            out[n] = (m.lora_A[adapter].weight, m.lora_B[adapter].weight)
+    return out
 
 
 def save_model_adapter(peft_model: PeftModel, path: str | Path) -> None:
@@ -395,9 +455,9 @@ def save_model_adapter(peft_model: PeftModel, path: str | Path) -> None:
 
 def _role(param_name: str, adapter: str) -> str | None:
     """Which fedlora role a parameter of the wrapped model plays: "A", "B", "extra" or None (frozen base)."""
-    if f".lora_A.{adapter}." in param_name:
+    if f".lora_A.{adapter}." in param_name or param_name.endswith(f"{_HIRA_A_SUFFIX}.{adapter}"):
         return "A"
-    if f".lora_B.{adapter}." in param_name:
+    if f".lora_B.{adapter}." in param_name or param_name.endswith(f"{_HIRA_B_SUFFIX}.{adapter}"):
         return "B"
     if f".modules_to_save.{adapter}." in param_name or f"{_MAGNITUDE_SUFFIX}.{adapter}." in param_name:
         return "extra"
@@ -457,6 +517,20 @@ def _add_deltas(targets: Iterable[tuple[nn.Module, Tensor]]) -> None:
             weight.add_((delta.T if isinstance(layer, Conv1D) else delta).to(weight.dtype))
 
 
+def base_weights(peft_model: PeftModel) -> dict[str, Tensor]:
+    """W0 of every adapted module as a float32 copy in canonical (out, in) orientation (Conv1D transposed), for
+    methods that need the base weights (FRLoRA's SVD of W0)."""
+    root = _root(peft_model)
+    out = {}
+    for m, spec in module_specs(peft_model).items():
+        layer = _base_layer(root, m)
+        w = layer.weight.detach().to(torch.float32, copy=True)
+        out[m] = w.T.contiguous() if isinstance(layer, Conv1D) else w
+        if tuple(out[m].shape) != (spec.d, spec.k):
+            raise ValueError(f"base weight of {m!r} is {tuple(out[m].shape)} in (out, in), expected {(spec.d, spec.k)}")
+    return out
+
+
 def base_version(model: nn.Module) -> int:
     """The newest base-edit version applied to ``model`` (0: none)."""
     return int(getattr(model, _VERSION_ATTR, 0))
@@ -466,9 +540,11 @@ def apply_base_edits(peft_model: PeftModel, edits: Sequence[BaseEdit]) -> None:
     """Add each edit newer than ``base_version(peft_model)`` to the frozen base weights, oldest first.
 
     Idempotent by version: replaying the same edits changes nothing. Versions are rounds (>= 1); every edit is
-    validated (module exists, delta (d, k)) before any weight changes.
+    validated (module exists, delta (d, k)) before any weight changes. A HiRA model refuses base edits (module
+    docstring: its ΔW = W0 ⊙ B̃A would change with W0).
     """
     root = _root(peft_model)
+    _refuse_hira_edits(peft_type(peft_model), edits, "apply_base_edits")
     if any(e.version < 1 and e.modules() for e in edits):
         raise ValueError(f"base edit versions are rounds >= 1, got {sorted(e.version for e in edits)}")
     pending = sorted((e for e in edits if e.version > base_version(peft_model)), key=lambda e: e.version)
@@ -479,6 +555,15 @@ def apply_base_edits(peft_model: PeftModel, edits: Sequence[BaseEdit]) -> None:
     _add_deltas(targets)
     if pending:
         setattr(peft_model, _VERSION_ATTR, versions[-1])
+
+
+def _refuse_hira_edits(kind: str, edits: Sequence[BaseEdit], where: str) -> None:
+    if kind == "HIRA" and any(e.modules() for e in edits):
+        raise ValueError(
+            f"{where}: base edits (versions {sorted(e.version for e in edits if e.modules())}) on a HiRA adapter: "
+            "HiRA applies ΔW = W0 ⊙ (B·A), which changes with W0, so methods that write base weights are "
+            "incompatible with model.lora.variant = 'hira'"
+        )
 
 
 def _edit_shapes(edits: Sequence[BaseEdit]) -> dict[str, tuple[int, int]]:
@@ -569,7 +654,8 @@ class AdapterFile:
     """A PEFT adapter directory in canonical form.
 
     adapter: module -> LowRank (B̃ = s·B (d, r), A (r, k)); extras: name -> tensor (head, DoRA magnitudes);
-    config: adapter_config.json as a dict; scales: module -> s; fan_in_fan_out: the config's flag (Conv1D).
+    config: adapter_config.json as a dict (``peft_type`` "LORA" or "HIRA"); scales: module -> s (1 for HiRA);
+    fan_in_fan_out: the config's flag (Conv1D).
     """
 
     adapter: dict[str, LowRank]
@@ -588,13 +674,15 @@ class AdapterFile:
 
 
 def _config_scale(config: Mapping[str, Any], module: str, rank: int, where: str) -> float:
-    """s of one module from an adapter config: α/r or α/√r, honouring rank_pattern and alpha_pattern."""
+    """s of one module from an adapter config: α/r or α/√r, honouring rank_pattern and alpha_pattern; 1 for HiRA."""
     rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"])
     if r != rank:
         raise ValueError(f"{where}: module {module!r} has rank {rank} in the weights but r = {r} in the config")
+    if config.get("peft_type") == "HIRA":
+        return 1.0
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"])
     if alpha <= 0:
         raise ValueError(f"{where}: module {module!r} has lora_alpha {alpha}, expected > 0")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -609,21 +697,22 @@ def _read_config(file: Path) -> dict[str, Any]:
         raise ValueError(f"{file} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    missing = [k for k in ("r", "lora_alpha") if k not in config]
+    if config.get("peft_type") not in _SUFFIXES:
+        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}, expected 'LORA' or 'HIRA'")
+    missing = [k for k in (("r", "lora_alpha") if config["peft_type"] == "LORA" else ("r",)) if k not in config]
     if missing:
         raise ValueError(f"{file}: missing keys {missing}")
     return config
 
 
 def read_adapter_dir(path: str | Path) -> AdapterFile:
-    """Read what ``PeftModel.save_pretrained`` writes (adapter_config.json + adapter_model.safetensors)."""
+    """Read what ``PeftModel.save_pretrained`` writes (adapter_config.json + adapter_model.safetensors); LoRA,
+    DoRA and HiRA adapters."""
     directory = Path(path)
     config = _read_config(directory / ADAPTER_CONFIG)
     weights = directory / ADAPTER_WEIGHTS
     tensors, _ = _load_safetensors(weights)
-    As, Bs, extras = _split_state_dict(tensors, str(weights))
+    As, Bs, extras = _split_state_dict(tensors, str(weights), config["peft_type"])
     where = str(directory / ADAPTER_CONFIG)
     scales = {m: _config_scale(config, m, int(As[m].shape[0]), where) for m in sorted(As)}
     adapter = {m: _canonical(As[m], Bs[m], scales[m]) for m in sorted(As)}
@@ -631,7 +720,7 @@ def read_adapter_dir(path: str | Path) -> AdapterFile:
 
 
 def peft_config_dict(peft_model: PeftModel) -> dict[str, Any]:
-    """The active adapter's LoraConfig as a JSON-ready dict: a template for ``write_adapter_dir``."""
+    """The active adapter's LoraConfig (or HiraConfig) as a JSON-ready dict: a template for ``write_adapter_dir``."""
     config = _require_peft(peft_model).peft_config[peft_model.active_adapter]
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
 
@@ -644,18 +733,22 @@ def write_adapter_dir(
     adapter_config.json is ``template_config`` (e.g. from ``read_adapter_dir`` or ``peft_config_dict``) with
     r = the adapter's rank and no rank_pattern; adapter_model.safetensors holds lora_A = A and lora_B = B̃ / s
     (s from the template's α, alpha_pattern and rsLoRA at that r) and the extras, under PEFT's saved key names.
+    A HiRA template (peft_type "HIRA") writes hira_A = A and hira_B = B̃ (s = 1).
     """
     ranks = sorted({lr.rank for lr in adapter.values()})
     if len(ranks) != 1:
         raise ValueError(f"write_adapter_dir: every module needs the same rank, got ranks {ranks}")
     values = dict(template_config) | {"r": ranks[0], "rank_pattern": {}, "inference_mode": True}
     config = PeftConfig.from_peft_type(**values)
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"write_adapter_dir: template peft_type {values.get('peft_type')!r}, expected 'LORA'")
+    if not isinstance(config, (LoraConfig, HiraConfig)):
+        raise ValueError(
+            f"write_adapter_dir: template peft_type {values.get('peft_type')!r}, expected 'LORA' or 'HIRA'"
+        )
+    kind: PeftType = "HIRA" if isinstance(config, HiraConfig) else "LORA"
     scales = {m: _config_scale(values, m, ranks[0], "write_adapter_dir template") for m in adapter}
     directory = Path(path)
     config.save_pretrained(str(directory))
-    tensors = _peft_tensors(adapter, scales) | {f"{_PREFIX}{n}": t.contiguous() for n, t in extras.items()}
+    tensors = _peft_tensors(adapter, scales, kind) | {f"{_PREFIX}{n}": t.contiguous() for n, t in extras.items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
@@ -674,12 +767,14 @@ def merge_to_base(
     loaded with ``PeftModel.from_pretrained`` and merged with ``merge_and_unload``. ``num_labels`` must match
     the head the adapter was trained with (``seq_cls``).
     """
-    _read_config(Path(adapter_dir) / ADAPTER_CONFIG)
+    config = _read_config(Path(adapter_dir) / ADAPTER_CONFIG)
     if not (Path(adapter_dir) / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{Path(adapter_dir) / ADAPTER_WEIGHTS} does not exist")
     model = load_base_model(base_model_name_or_path, task, num_labels)
     if base_edits_path is not None:
-        _add_deltas(_edit_targets(model, read_base_edits(base_edits_path)))
+        edits = read_base_edits(base_edits_path)
+        _refuse_hira_edits(config["peft_type"], [edits], f"merge_to_base {base_edits_path}")
+        _add_deltas(_edit_targets(model, edits))
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     out = Path(out_dir)
     merged.save_pretrained(str(out))

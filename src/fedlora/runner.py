@@ -116,7 +116,7 @@ def setup(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
     info = ModelInfo(peft_io.module_specs(model), max(ranks), extras)
     if methods.capabilities(cfg.federation.method).needs_base_weights:
         scales = {m: peft_io.lora_scale(model, m) for m in info.specs}
-        info = replace(info, base_weights=_base_weights(model), scales=scales)
+        info = replace(info, base_weights=peft_io.base_weights(model), scales=scales)
 
     def enc(part: datamod.TextDataset) -> Encoded:
         return datamod.tokenize(part, tokenizer, d.max_length)
@@ -127,26 +127,6 @@ def setup(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
         for c, (tr, te) in enumerate(fed.clients)
     ]
     return Experiment(cfg, method, model, info, parts, enc(fed.test), ranks, list(fed.label_names))
-
-
-def _base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """W0 of every adapted module as a float32 copy in (out, in) orientation (GPT-2 Conv1D stores (in, out)).
-
-    For methods that declare ``needs_base_weights`` (FRLoRA). It belongs in ``peft_io`` (layout knowledge);
-    it lives here until that module grows a public equivalent.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    root = model.base_model.model
-    out = {}
-    for m, spec in peft_io.module_specs(model).items():
-        layer = root.get_submodule(m).get_base_layer()
-        w = layer.weight.detach().to(torch.float32, copy=True)
-        w = w.T.contiguous() if isinstance(layer, Conv1D) else w
-        if tuple(w.shape) != (spec.d, spec.k):
-            raise ValueError(f"base weight of {m!r} is {tuple(w.shape)} in (out, in), expected {(spec.d, spec.k)}")
-        out[m] = w
-    return out
 
 
 def sample_clients(exp: Experiment, rnd: int) -> list[int]:

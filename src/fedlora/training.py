@@ -1,10 +1,10 @@
 """The one client training loop and the evaluation every engine shares.
 
 Method-specific behaviour arrives as data in a ``TrainPlan`` (initial factors, base edits, which factors train,
-a named regulariser), never as a trainer subclass. AdamW, a fixed number of optimizer steps (or epochs), gradient
-clipping, batches drawn by a seeded generator; every random choice derives from the seed the caller passes.
-Batches are padded to ``data.max_length`` when tokenised and trimmed here to their longest sequence, which
-changes no result (attention masks hide padding) and saves most of the compute on short texts.
+a named regulariser, elementwise gradient masks), never as a trainer subclass. AdamW, a fixed number of optimizer
+steps (or epochs), gradient clipping, batches drawn by a seeded generator; every random choice derives from the
+seed the caller passes. Batches are padded to ``data.max_length`` when tokenised and trimmed here to their longest
+sequence, which changes no result (attention masks hide padding) and saves most of the compute on short texts.
 """
 
 from __future__ import annotations
@@ -92,6 +92,49 @@ def regularization(model: torch.nn.Module, reg: Regularizer | None) -> Tensor | 
     return lam * total
 
 
+@dataclass(frozen=True)
+class _Frozen:
+    """Entries of one live LoRA parameter that must not move: ``keep`` marks those that train."""
+
+    param: torch.nn.Parameter
+    keep: Tensor
+    initial: Tensor
+
+
+def frozen_entries(model: torch.nn.Module, masks: Mapping[str, tuple[Tensor, Tensor]] | None) -> list[_Frozen]:
+    """The plan's ``grad_masks`` bound to the live PEFT parameters (checked: known modules, exact shapes)."""
+    if not masks:
+        return []
+    live = peft_io.lora_parameters(model)
+    unknown = sorted(set(masks) - set(live))
+    if unknown:
+        raise ValueError(f"TrainPlan.grad_masks: modules {unknown[:4]} are not adapted (adapted: {sorted(live)[:4]} …)")
+    out = []
+    for module, pair in sorted(masks.items()):
+        for factor, param, mask in zip("AB", live[module], pair, strict=True):
+            if tuple(mask.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"TrainPlan.grad_masks[{module!r}] {factor}: mask shape {tuple(mask.shape)}, expected the "
+                    f"parameter's {tuple(param.shape)}"
+                )
+            out.append(_Frozen(param, mask.to(torch.bool), param.detach().clone()))
+    return out
+
+
+def mask_gradients(frozen: list[_Frozen]) -> None:
+    """Zero the gradients of frozen entries (before clipping, so they do not count in the norm)."""
+    for f in frozen:
+        if f.param.grad is not None:
+            f.param.grad.mul_(f.keep)
+
+
+@torch.no_grad()
+def restore_frozen(frozen: list[_Frozen]) -> None:
+    """Put frozen entries back, bit for bit: AdamW's decoupled weight decay moves entries with zero gradient."""
+    for f in frozen:
+        f.param.copy_(torch.where(f.keep, f.param, f.initial))
+
+
 def train_client(
     model: torch.nn.Module, plan: TrainPlan, data: Encoded, settings: TrainSettings, seed: int
 ) -> TrainResult:
@@ -100,6 +143,7 @@ def train_client(
     torch.manual_seed(seed)  # dropout
     apply_plan(model, plan, seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    frozen = frozen_entries(model, plan.grad_masks)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     stream = batches(data, settings.batch_size, torch.Generator().manual_seed(seed))
@@ -109,9 +153,11 @@ def train_client(
         loss = model(**next(stream)).loss + regularization(model, plan.regularizer)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mask_gradients(frozen)
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
+        restore_frozen(frozen)
         total += float(loss.detach())
     adapter, extras = peft_io.read_adapter(model)
     return TrainResult(adapter, extras, total / max(steps, 1), steps, time.perf_counter() - started)

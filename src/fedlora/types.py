@@ -131,6 +131,10 @@ class TrainPlan:
     base_edits: deltas to add to the frozen base weights before training, in version order.
     trainable: which LoRA factors receive gradients.
     regularizer: an optional named penalty.
+    grad_masks: optional elementwise masks per module, (A mask (r, k), B mask (d, r)) in PEFT's factor shapes
+        (1/True: the entry trains, 0/False: it stays bit-identical to its initial value). The shared loop zeroes
+        the masked gradients before clipping and restores the masked entries after every optimizer step, so
+        neither AdamW's weight decay nor its moments move them (FLASC's ``freeze_to_mask``).
     """
 
     rank: int
@@ -139,6 +143,7 @@ class TrainPlan:
     base_edits: tuple[BaseEdit, ...] = ()
     trainable: frozenset[Factor] = frozenset({"A", "B"})
     regularizer: Regularizer | None = None
+    grad_masks: Mapping[str, tuple[Tensor, Tensor]] | None = None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,16 @@ _MODULES = {
     "fedex_lora": "fedex_lora",
     "flexlora": "flexlora",
     "hetlora": "hetlora",
+    "ffa_lora": "ffa_lora",
+    "fedsa_lora": "fedsa_lora",
+    "rolora": "rolora",
+    "lora_fair": "lora_fair",
+    "frlora": "frlora",
+    "fedloru": "fedloru",
+    "pfedloru": "fedloru",
+    "mfedloru": "fedloru",
+    "fslora": "fslora",
+    "flasc": "flasc",
 }
 
 

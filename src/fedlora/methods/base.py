@@ -67,11 +67,19 @@ class ModelInfo:
     specs: every adapted module's (d, k); rank: the broadcast rank (r_max when client ranks differ);
     extras: the initial values of the fully trained tensors (the classifier head), so that every client starts
     round 1 from the same head.
+    base_weights: the frozen base weight W0 of every adapted module in canonical (out, in) = (d, k) orientation
+        (GPT-2 Conv1D transposed), float32 copies; filled by the runner only for methods whose capabilities say
+        ``needs_base_weights`` (FRLoRA's SVD of W0), None otherwise.
+    scales: every adapted module's LoRA scale s at the broadcast rank (α/r or α/√r); None when not provided.
+        Canonical factors fold s into B, so only methods whose initialisation is defined in PEFT's gauge
+        (FRLoRA's PiSSA split) need it.
     """
 
     specs: Mapping[str, ModuleSpec]
     rank: int
     extras: Mapping[str, Tensor] = field(default_factory=dict)
+    base_weights: Mapping[str, Tensor] | None = None
+    scales: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,11 @@ class Capabilities:
 
     heterogeneous_ranks: "native", "zero-pad" (documented padding policy) or "no".
     uplink / downlink: size per adapted (d, k) matrix per client per round, in scalars.
+    needs_base_weights: ``init_server`` reads ``ModelInfo.base_weights`` (and ``scales``), so the runner must
+        copy the frozen base weights (FRLoRA).
+    variants: the ``model.lora.variant`` values the method runs on. HiRA (ΔW = W0 ⊙ B̃A) is opt-in: a method
+        declares it only when its math holds for the B̃A inside the Hadamard product; one that writes base
+        weights cannot (the edit would change every Hadamard term), which config validation also refuses.
     """
 
     exact: bool
@@ -99,6 +112,8 @@ class Capabilities:
     uplink: str
     downlink: str
     paper: str
+    needs_base_weights: bool = False
+    variants: tuple[str, ...] = ("lora", "dora")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ Server step: every LoRA factor is averaged on its own,
 
 Clients warm-start from (B̄, Ā). Heterogeneous ranks (fedlora's policy, not the paper's): zero-pad every
 client to r_max (B gets zero columns, A zero rows), average, and truncate to each client's rank on download.
+On DoRA the directional factors are averaged and the magnitudes averaged as extras; on HiRA (ΔW = W0 ⊙ BA, s = 1)
+the inner factors are averaged.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ CAPABILITIES = Capabilities(
     uplink="r(d+k)",
     downlink="r(d+k)",
     paper="Zhang et al., ICASSP 2024, arXiv 2305.05644",
+    variants=("lora", "dora", "hira"),
 )
 
 

@@ -15,7 +15,10 @@ fedlora's reading where the paper is silent (methods.md §1.2–1.3, conventions
   (p = q = w) and never return a worse point;
 * gauge: (p, q) → (c p, q / c) leaves B̂Â unchanged; c makes ‖B̂‖/‖Â‖ equal FedIT's ratio (default) or 1;
 * heterogeneous ranks: zero-pad to r_max and truncate on download (an extension the paper does not claim);
-* route: Gram blocks while U·r ≤ 1.5·min(d, k), the factor-space oracle beyond (same optimum).
+* route: Gram blocks while U·r ≤ 1.5·min(d, k), the factor-space oracle beyond (same optimum);
+* adapter variants (``model.lora.variant``): on DoRA the directional part s·B·A is aggregated here and the
+  magnitude vectors are averaged like the head (they are extras); on HiRA (ΔW = W0 ⊙ BA, s = 1) the inner B·A
+  is aggregated, so the applied update is W0 ⊙ B̂Â.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ CAPABILITIES = Capabilities(
     uplink="r(d+k)",
     downlink="r(d+k)",
     paper="Nguyen et al., arXiv 2509.26399",
+    variants=("lora", "dora", "hira"),
 )
 
 

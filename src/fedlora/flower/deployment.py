@@ -1,0 +1,242 @@
+"""``federation.engine = "flower-deployment"``: a real Flower deployment on this machine's loopback interface.
+
+Starts one ``flower-superlink`` and one ``flower-supernode`` per client (``--node-config "partition-id=<c>
+num-partitions=<n>"``), all ``--insecure`` on 127.0.0.1 with free ports found first, then submits the app with
+``flwr run <app> deploy --stream``. The app directory is generated in a temporary directory: a
+``pyproject.toml`` whose ``[tool.flwr.app.components]`` name :mod:`fedlora.flower.server_app` and
+:mod:`fedlora.flower.client_app` and whose ``[tool.flwr.app.config]`` is the experiment's run config
+(:func:`fedlora.flower.records.run_config`), so the ServerApp in the SuperLink's process tree rebuilds exactly this
+config. Flower runs with the current virtual environment (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``,
+``--disable-runtime-dependency-installation``) and keeps its state in a temporary ``FLWR_HOME``.
+
+Every process this module starts is its own session leader; on exit, failure or Ctrl-C each is stopped by PID
+(its process group: SIGTERM, then SIGKILL after ``STOP_TIMEOUT``), which also ends the ``flower-superexec`` and
+``flwr-clientapp`` children Flower spawned under it. Every wait has a timeout. Logs are kept in
+``<run_dir>/flower/``. Multi-host deployments with TLS and node authentication: docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from fedlora import config as cfgmod
+from fedlora.flower import records
+
+STOP_TIMEOUT = 10.0
+START_TIMEOUT = 120.0
+HOST = "127.0.0.1"
+
+
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """``n`` distinct ports free on ``host`` now (bound to port 0, then released); a clear error if none."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, 0))
+            except OSError as e:
+                s.close()
+                raise RuntimeError(f"flower-deployment: no free TCP port on {host} ({e})") from None
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Processes:
+    """The processes a deployment started, each in its own session; ``stop`` ends them all by PID."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir, self.env = log_dir, env
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[IO[bytes]] = []
+
+    def start(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("wb")
+        self.logs.append(log)
+        proc = subprocess.Popen(
+            list(argv), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd, start_new_session=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            _signal_group(proc, signal.SIGKILL)  # the group's leftovers (superexec, clientapp children)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT)
+        for log in self.logs:
+            log.close()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process group led by ``proc`` (start_new_session made its PID the group id)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; log {log}:\n{_tail(log)}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"flower-superlink on {HOST}:{port} not healthy within {START_TIMEOUT} s; log {log}")
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+def app_pyproject(cfg: cfgmod.ExperimentConfig) -> str:
+    """The generated app's pyproject.toml: components and the run config (flat keys as quoted TOML keys)."""
+    lines = [
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        'name = "fedlora-flower-app"',
+        'version = "0.1.0"',
+        "dependencies = []  # runs in fedlora's environment (runtime dependency installation disabled)",
+        "",
+        "[tool.hatch.build.targets.wheel]",
+        'packages = ["."]',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedlora"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "fedlora.flower.server_app:app"',
+        'clientapp = "fedlora.flower.client_app:app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
+    lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in records.run_config(cfg).items()]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (main thread only), so the processes are stopped on it too."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_deployment(cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` on a SuperLink and ``data.num_clients`` SuperNodes on loopback; returns the summary."""
+    if resume:
+        raise ValueError(
+            "federation.engine = 'flower-deployment' cannot resume a run (the SuperNodes' client states are gone); "
+            "resume it with federation.engine = 'inprocess' or 'flower-simulation'"
+        )
+    from fedlora.flower.engine import FLOWER_ENV
+
+    cfg = cfgmod.with_overrides(cfg, [f"output.dir={json.dumps(str(run_dir))}"])
+    n = cfg.data.num_clients
+    bin_dir = Path(sys.executable).parent
+    missing = [b for b in ("flower-superlink", "flower-supernode", "flwr") if not (bin_dir / b).exists()]
+    if missing:
+        raise RuntimeError(f"flower-deployment: {missing} not found in {bin_dir} (install fedlora[flower])")
+    log_dir = run_dir / "flower"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="fedlora-flwr-"))
+    env = dict(os.environ) | FLOWER_ENV | {"FLWR_HOME": str(home / "home"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    app_dir = home / "app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(app_pyproject(cfg))
+    link_port, *node_ports = free_ports(1 + n)
+    conn = f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{HOST}:{link_port}"\ninsecure = true\n'
+    (home / "home").mkdir()
+    (home / "home" / "config.toml").write_text(conn)
+    procs = Processes(log_dir, env)
+    deadline = cfg.federation.rounds * 3 * cfg.federation.round_timeout + START_TIMEOUT
+    try:
+        with _sigterm_as_interrupt():
+            link = procs.start(
+                "superlink",
+                [
+                    str(bin_dir / "flower-superlink"),
+                    "--insecure",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(link_port),
+                    "--disable-runtime-dependency-installation",
+                ],
+            )
+            _wait_healthy(link_port, link, log_dir / "superlink.log")
+            for c, port in enumerate(node_ports):
+                procs.start(
+                    f"supernode-{c}",
+                    [
+                        str(bin_dir / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"{HOST}:{link_port}",
+                        "--port",
+                        str(port),
+                        "--node-config",
+                        f"partition-id={c} num-partitions={n}",
+                    ],
+                )
+            runner_proc = procs.start(
+                "flwr-run", [str(bin_dir / "flwr"), "run", str(app_dir), "deploy", "--stream"], cwd=app_dir
+            )
+            try:
+                code = runner_proc.wait(deadline)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(
+                    f"flower-deployment: the run did not finish within {deadline:.0f} s "
+                    "(rounds × 3 × federation.round_timeout + start-up)"
+                ) from None
+        summary_path = run_dir / "summary.json"
+        if code != 0 or not summary_path.exists():
+            raise RuntimeError(
+                f"flower-deployment: `flwr run` exited with code {code} and no {summary_path} was written; logs in "
+                f"{log_dir}:\n{_tail(log_dir / 'flwr-run.log')}"
+            )
+        return json.loads(summary_path.read_text())
+    finally:
+        procs.stop()
+        shutil.rmtree(home, ignore_errors=True)

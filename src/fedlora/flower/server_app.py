@@ -1,0 +1,220 @@
+"""The fedlora ServerApp: a plain main loop over Flower's Grid / Message API around the in-process round logic.
+
+Each round runs ``runner.run_round`` (sampling, the ``federation.min_clients`` check, ``method.aggregate``, the
+metrics record) with a trainer and an evaluator that talk to the nodes:
+
+- train: one ``train`` message per sampled client, built from ``method.broadcast(state, ClientInfo(c, rank),
+  rnd)`` (per-client downloads, e.g. FlexLoRA's truncation); replies become ``ClientOutcome`` s. A client whose
+  reply is an error, or that does not answer within ``federation.round_timeout``, is left out of the round.
+- evaluate: the global model on the server's held-out test set (as ``runner._evaluate_global``), and one
+  ``evaluate`` message per participating client for the global model's accuracy on its own test split.
+
+Beside the payload accounting (``bytes_up`` / ``bytes_down``), each metrics line records the bytes of the actual
+Flower train messages and replies of the clients that answered (see ``FlowerRound.metrics``): full encoding
+(``flower_bytes_down`` / ``flower_bytes_up``), distinct objects (``*_unique``), their count (``flower_messages``)
+and the mean per-message overhead each way (``flower_overhead_down`` / ``flower_overhead_up``: the message
+without its payload tensors, which includes the experiment config every message carries).
+
+The method's client state lives on the nodes (``context.state``); the server's ``RunState.clients`` stays empty
+(None per client), so a resumed run restarts client states from ``method.init_client`` (the methods registered
+so far keep no client state).
+
+In deployment the ServerApp reads the experiment from Flower's run config (``flwr run --run-config``,
+:func:`fedlora.flower.records.run_config`); in simulation :func:`fedlora.flower.engine.run_simulation` builds it
+with the config, run directory and progress callbacks directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora import config as cfgmod
+from fedlora import runner
+from fedlora.flower import records
+from fedlora.flower.client_app import CONFIG, TASK
+from fedlora.training import evaluate
+from fedlora.types import Contribution, Payload
+
+FAIL_ENV = "FEDLORA_FLOWER_FAIL_CLIENTS"
+"""Test-only: comma-separated client ids whose ``train`` messages ask the node to raise."""
+
+
+class Nodes:
+    """The node ids of the federation's clients: waits for ``data.num_clients`` nodes, asks each its partition."""
+
+    def __init__(self, grid: Grid, cfg: cfgmod.ExperimentConfig) -> None:
+        n, timeout = cfg.data.num_clients, cfg.federation.round_timeout
+        deadline = time.monotonic() + timeout
+        ids = list(grid.get_node_ids())
+        while len(ids) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{len(ids)} Flower nodes connected within federation.round_timeout = {timeout} s, expected "
+                    f"data.num_clients = {n} (one SuperNode per client)"
+                )
+            time.sleep(0.5)
+            ids = list(grid.get_node_ids())
+        queries = [Message(RecordDict(), dst_node_id=node, message_type="query", group_id="0") for node in ids]
+        replies = list(grid.send_and_receive(queries, timeout=timeout))
+        self.node_of: dict[int, int] = {}
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed the query: {reply.error.reason}")
+            c = int(reply.content.metric_records["node"]["partition-id"])
+            if c in self.node_of or not 0 <= c < n:
+                raise RuntimeError(
+                    f"node {reply.metadata.src_node_id} has partition-id {c}: expected a distinct id in [0, {n})"
+                )
+            self.node_of[c] = reply.metadata.src_node_id
+        missing = sorted(set(range(n)) - set(self.node_of))
+        if missing:
+            raise RuntimeError(f"no Flower node answered for clients {missing} within {timeout} s")
+        self.client_of = {node: c for c, node in self.node_of.items()}
+
+
+class FlowerRound:
+    """The trainer and evaluator ``runner.run_round`` calls for one round, and the Flower bytes it measured."""
+
+    def __init__(self, grid: Grid, nodes: Nodes, progress: Any | None = None) -> None:
+        self.grid, self.nodes, self.progress = grid, nodes, progress
+        self.bytes = {f"{way}{part}": 0 for way in ("down", "up") for part in ("", "_unique", "_overhead", "_payload")}
+        self.bytes["messages"] = 0
+        self.base_version: dict[int, int] = {}
+
+    def _message(self, exp: runner.Experiment, kind: str, c: int, rnd: int, payload: Payload, **task: Any) -> Message:
+        content = RecordDict(
+            {
+                **records.payload_records(payload),
+                CONFIG: ConfigRecord(records.run_config(exp.cfg)),
+                TASK: ConfigRecord({"client": c, "round": rnd, **task}),
+            }
+        )
+        return Message(content, dst_node_id=self.nodes.node_of[c], message_type=kind, group_id=str(rnd))
+
+    def _exchange(self, exp: runner.Experiment, messages: dict[int, Message]) -> dict[int, Message | str]:
+        """Send, wait up to federation.round_timeout; per client its reply or the reason it has none."""
+        timeout = exp.cfg.federation.round_timeout
+        replies = self.grid.send_and_receive(list(messages.values()), timeout=timeout)
+        out: dict[int, Message | str] = {c: f"no reply within federation.round_timeout = {timeout} s" for c in messages}
+        for reply in replies:
+            c = self.nodes.client_of[reply.metadata.src_node_id]
+            out[c] = f"error on the node: {reply.error.reason}" if reply.has_error() else reply
+        return out
+
+    def train(
+        self, exp: runner.Experiment, state: runner.RunState, rnd: int
+    ) -> tuple[list[runner.ClientOutcome], dict[int, str]]:
+        sampled = runner.sample_clients(exp, rnd)
+        failing = {int(x) for x in os.environ.get(FAIL_ENV, "").split(",") if x.strip()}
+        downloads = {c: exp.method.broadcast(state.server, exp.client_info(c), rnd) for c in sampled}
+        messages = {c: self._message(exp, "train", c, rnd, downloads[c], fail=c in failing) for c in sampled}
+        outcomes, failed = [], {}
+        for c, reply in sorted(self._exchange(exp, messages).items()):
+            if self.progress is not None:
+                self.progress.client_done(c)
+            if isinstance(reply, str):
+                failed[c] = reply
+                continue
+            m = reply.content.metric_records["metrics"]
+            upload = records.record_payload(reply.content)
+            self.base_version[c] = int(m["base-version"])
+            outcomes.append(
+                runner.ClientOutcome(
+                    Contribution(c, float(m["num-examples"]), upload),
+                    float(m["local-accuracy"]),
+                    float(m["train-loss"]),
+                    downloads[c].nbytes,
+                    float(m["train-seconds"]),
+                    float(m["eval-seconds"]),
+                    None,  # the client state stays on the node
+                )
+            )
+            for way, msg, payload in (("down", messages[c], downloads[c]), ("up", reply, upload)):
+                self.bytes[way] += records.message_nbytes(msg)
+                self.bytes[f"{way}_unique"] += records.message_nbytes(msg, unique=True)
+                self.bytes[f"{way}_overhead"] += records.message_overhead(msg)
+                self.bytes[f"{way}_payload"] += payload.nbytes
+            self.bytes["messages"] += 1
+        return outcomes, failed
+
+    def evaluate(
+        self, exp: runner.Experiment, state: runner.RunState, clients: Sequence[int]
+    ) -> tuple[tuple[float, float], dict[int, float]]:
+        rnd = state.next_round
+        exported = exp.method.export(state.server)
+        runner.load_global(exp, exported)
+        global_eval = evaluate(exp.model, exp.test)
+        messages = {}
+        for c in clients:
+            tensors = dict(records.pack_global(exported, self.base_version.get(c, 0)))
+            payload = Payload(tensors, {"fresh_init": exported.adapter is None})
+            messages[c] = self._message(exp, "evaluate", c, rnd, payload)
+        on_local = {}
+        for c, reply in self._exchange(exp, messages).items():
+            if isinstance(reply, str):
+                raise RuntimeError(f"round {rnd}: evaluating the global model on client {c} failed: {reply}")
+            on_local[c] = float(reply.content.metric_records["metrics"]["accuracy"])
+        return global_eval, on_local
+
+    def metrics(self) -> dict[str, Any]:
+        """Flower message bytes of the train exchange (clients that answered), each way: full encoding
+        (``flower_bytes_*``, comparable to ``bytes_*``), distinct objects as Flower's object store transfers them
+        (``flower_bytes_*_unique``), and the mean per-message overhead beyond the payload tensors
+        (``flower_overhead_*``). flower_bytes ≈ bytes + messages · overhead, plus a few hundred bytes of framing
+        per tensor (name, dtype, shape, the .npy header)."""
+        b, n = self.bytes, max(self.bytes["messages"], 1)
+        return {
+            "flower_bytes_down": b["down"],
+            "flower_bytes_up": b["up"],
+            "flower_bytes_down_unique": b["down_unique"],
+            "flower_bytes_up_unique": b["up_unique"],
+            "flower_messages": b["messages"],
+            "flower_overhead_down": b["down_overhead"] / n,
+            "flower_overhead_up": b["up_overhead"] / n,
+        }
+
+
+def serve(
+    grid: Grid, cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool = False, progress: Any | None = None
+) -> dict[str, Any]:
+    """The whole run on a Flower grid; writes the run directory as ``runner.run`` does and returns the summary."""
+    if not resume:
+        runner.check_fresh_dir(run_dir)
+    exp = runner.setup(cfg, clients=())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = runner.load_checkpoint(run_dir)
+        runner.restore_model(exp, state)
+    else:
+        (run_dir / "config.toml").write_text(cfgmod.dump_toml(cfg))
+        state = runner.RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
+    nodes = Nodes(grid, cfg)
+    for rnd in range(state.next_round, cfg.federation.rounds + 1):
+        if progress is not None:
+            progress.round_started(rnd, len(runner.sample_clients(exp, rnd)))
+        flower_round = FlowerRound(grid, nodes, progress)
+        runner.run_round(exp, state, rnd, trainer=flower_round.train, evaluator=flower_round.evaluate)
+        state.records[-1] |= flower_round.metrics()
+        runner.save_checkpoint(run_dir, state)
+        if progress is not None:
+            progress.round_done(rnd, state.records[-1])
+    return runner.save_outputs(exp, run_dir, state)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: the experiment comes from the run config (absolute ``output.dir`` required)."""
+    cfg = records.from_run_config(dict(context.run_config))
+    if cfg.output.dir is None or not Path(cfg.output.dir).is_absolute():
+        raise ValueError(f"output.dir = {cfg.output.dir!r}: the Flower ServerApp needs an absolute run directory")
+    serve(grid, cfg, Path(cfg.output.dir))

@@ -1,0 +1,290 @@
+"""fedlora on Flower 1.41: records and config mapping (fast), and the simulation engine against the in-process
+runner on the real packaged MiniLM and a 240-example Rotten Tomatoes sample (slow: Ray starts per run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora import config, runner
+from fedlora.types import Payload
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+
+from fedlora.flower import records  # noqa: E402
+from fedlora.flower.server_app import FAIL_ENV  # noqa: E402
+
+EXCLUDED = {"seconds", "seconds_train", "seconds_aggregate", "seconds_eval", "seconds_other"}
+
+
+# ---- records and the run config --------------------------------------------------------------------------------
+
+
+def test_run_config_round_trip_keeps_lists_and_method_keys():
+    cfg = config.load_config(
+        None,
+        [
+            "data.num_clients=3",
+            "model.lora.ranks=[4, 8, 2]",
+            'model.lora.target_modules=["query", "value"]',
+            "federation.method=flexlora",
+            "train.lr=1e-05",
+        ],
+    )
+    flat = records.run_config(cfg)
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())  # Flower's run config holds scalars
+    assert flat["model.lora.ranks"] == "[4, 8, 2]" and flat["model.lora.r"] == 8
+    assert records.from_run_config(flat) == cfg
+    assert records.from_run_config(dict(ConfigRecord(flat))) == cfg  # as it travels in a message
+    with pytest.raises(ValueError, match="model.lora.rr"):
+        records.from_run_config({**flat, "model.lora.rr": 3})
+
+
+def test_payload_records_round_trip_exactly():
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "lora.bert.encoder.layer.0.attention.self.query.A": torch.randn(4, 6, generator=gen),
+        "lora.bert.encoder.layer.0.attention.self.query.B": torch.randn(5, 4, generator=gen),
+        "extra.classifier.bias": torch.randn(2, generator=gen),
+        "base.3.bert.encoder.layer.0.attention.self.query.left": torch.randn(5, 2, generator=gen).double(),
+    }
+    payload = Payload(tensors, {"round": 2, "fresh_init": False, "rank": 4})
+    back = records.record_payload(RecordDict(records.payload_records(payload)))
+    assert back.meta == payload.meta
+    assert set(back.tensors) == set(tensors)
+    for name, t in tensors.items():
+        assert back.tensors[name].dtype == t.dtype and torch.equal(back.tensors[name], t)
+    empty = records.record_payload(RecordDict(records.payload_records(Payload())))
+    assert empty.tensors == {} and empty.meta == {}
+
+
+def test_message_bytes_track_the_payload_and_count_identical_arrays_once_when_unique():
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"lora.layer{i}.A": torch.randn(8, 384, generator=gen) for i in range(6)}
+    zeros = {f"lora.layer{i}.B": torch.zeros(384, 8) for i in range(6)}
+    payload = Payload(tensors | zeros)
+    content = RecordDict(records.payload_records(payload))
+    empty = records.message_nbytes(RecordDict(records.payload_records(Payload())))
+    full = records.message_nbytes(content)
+    assert payload.nbytes < full - empty < 1.05 * payload.nbytes  # framing: a few hundred bytes per tensor
+    unique = records.message_nbytes(content, unique=True)
+    one_zero = 384 * 8 * 4
+    assert full - unique == pytest.approx(5 * one_zero, rel=0.05)  # five of six identical B arrays not resent
+    assert records.message_nbytes(ArrayRecord()) < 200
+
+
+# ---- the simulation engine ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rt_csv(tmp_path_factory) -> Path:
+    import pandas as pd
+
+    from fedlora.data import load_dataset
+
+    ds = load_dataset("fedlora:rotten-tomatoes")
+    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0))[:240].tolist()
+    path = tmp_path_factory.mktemp("data") / "rt_sample.csv"
+    pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]}).to_csv(
+        path, index=False
+    )
+    return path
+
+
+def tiny(rt_csv: Path, out: Path, *extra: str) -> config.ExperimentConfig:
+    return config.load_config(
+        None,
+        [
+            f"data.dataset={rt_csv}",
+            "data.num_clients=2",
+            "data.max_length=32",
+            "federation.rounds=2",
+            "train.local_steps=2",
+            "train.batch_size=8",
+            f"output.dir={out}",
+            "federation.workers=0",
+            "federation.round_timeout=300",
+            *extra,
+        ],
+    )
+
+
+def lines(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def descendants() -> set[int]:
+    """PIDs of this process's descendants (Ray's raylet, GCS and actors while a simulation runs)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,stat="], capture_output=True, text=True, timeout=30).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        pid, ppid, stat = line.split()
+        if not stat.startswith("Z"):  # exited, not yet reaped
+            children.setdefault(int(ppid), []).append(int(pid))
+    found, todo = set(), [os.getpid()]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.add(c)
+            todo.append(c)
+    return found
+
+
+def assert_close_records(a: dict, b: dict, path: str = "") -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_close_records(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close_records(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-5), path
+    else:
+        assert a == b, path
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_simulation_matches_the_in_process_runner(rt_csv, tmp_path):
+    before = descendants()
+    ref_dir, ref_summary = runner.run(tiny(rt_csv, tmp_path / "ref", "federation.method=flora_na"), tmp_path / "ref")
+    sim_cfg = tiny(rt_csv, tmp_path / "sim", "federation.method=flora_na", "federation.engine=flower-simulation")
+    sim_dir, sim_summary = runner.run(sim_cfg, tmp_path / "sim")
+    assert config.load_config(sim_dir / "config.toml") == sim_cfg
+    ref, sim = lines(ref_dir), lines(sim_dir)
+    for r, s in zip(ref, sim, strict=True):
+        flower_keys = {k for k in s if k.startswith("flower_")}
+        assert set(s) - flower_keys == set(r)  # the same keys, plus the Flower message accounting
+        assert_close_records(
+            {k: v for k, v in r.items() if k not in EXCLUDED}, {k: s[k] for k in r if k not in EXCLUDED}
+        )
+        # Flower bytes = payload + per-message overhead, within 5%
+        for way in ("down", "up"):
+            framing = s[f"flower_bytes_{way}"] - s["flower_messages"] * s[f"flower_overhead_{way}"]
+            assert s[f"bytes_{way}"] <= framing <= 1.05 * s[f"bytes_{way}"], way
+            assert 0 < s[f"flower_overhead_{way}"] < 20_000
+        assert s["flower_bytes_up_unique"] <= s["flower_bytes_up"]
+    # round 1 downloads carry all-zero B factors, which Flower's object store sends once
+    assert sim[0]["flower_bytes_down_unique"] < 0.7 * sim[0]["flower_bytes_down"]
+    assert_close_records(
+        {k: v for k, v in ref_summary.items() if k != "wall_seconds"},
+        {k: v for k, v in sim_summary.items() if k != "wall_seconds"},
+    )
+    ref_w = load_file(ref_dir / "adapter" / "adapter_model.safetensors")
+    sim_w = load_file(sim_dir / "adapter" / "adapter_model.safetensors")
+    assert set(ref_w) == set(sim_w)
+    for name in ref_w:
+        torch.testing.assert_close(sim_w[name], ref_w[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert (sim_dir / runner.CHECKPOINT).exists() and (sim_dir / "summary.json").exists()
+    deadline = time.monotonic() + 30  # Ray's processes exit shortly after the simulation returns
+    while time.monotonic() < deadline and not descendants() <= before:
+        time.sleep(0.5)
+    assert descendants() <= before, "the simulation left processes behind"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_simulation_leaves_a_failing_client_out(rt_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAIL_ENV, "1")  # test-only fault injection, read by the ServerApp
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.engine=flower-simulation")
+    cfg = config.with_overrides(cfg, ["federation.rounds=1"])
+    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    (record,) = lines(run_dir)
+    assert record["clients"] == [0] and record["flower_messages"] == 1
+    assert "injected failure" in record["failed_clients"]["1"]
+    assert summary["rounds"] == 1
+    strict = config.with_overrides(cfg, ["federation.min_clients=2", f"output.dir={tmp_path / 'strict'}"])
+    with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 2"):
+        runner.run(strict, tmp_path / "strict")
+
+
+def test_free_ports_are_distinct_and_bindable():
+    import socket
+
+    from fedlora.flower.deployment import free_ports
+
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_deployment_app_pyproject_carries_the_run_config(tmp_path):
+    import tomllib
+
+    from fedlora.flower.deployment import app_pyproject
+
+    cfg = config.load_config(None, ["data.num_clients=2", "model.lora.ranks=[4, 8]", "federation.method=flexlora"])
+    app = tomllib.loads(app_pyproject(cfg))["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "fedlora.flower.server_app:app",
+        "clientapp": "fedlora.flower.client_app:app",
+    }
+    assert records.from_run_config(app["config"]) == cfg
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_deployment_runs_two_supernodes_and_stops_every_process(rt_csv, tmp_path, monkeypatch):
+    from fedlora.flower import deployment
+
+    started: list[int] = []
+    real_stop = deployment.Processes.stop
+
+    def stop(self):
+        started.extend(self.pids)
+        real_stop(self)
+
+    monkeypatch.setattr(deployment.Processes, "stop", stop)
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=flora_na", "federation.engine=flower-deployment")
+    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    records_ = lines(run_dir)
+    assert [r["round"] for r in records_] == [1, 2]
+    for r in records_:
+        assert r["clients"] == [0, 1] and r["failed_clients"] == {}
+        assert 0.0 <= r["global_accuracy"] <= 1.0 and 0 <= r["divergence"] <= r["fedit_divergence"] + 1e-9
+        assert r["bytes_up"] == 2 * (12 * 8 * (384 + 384) * 4 + (2 * 384 + 2) * 4)  # 12 modules + head, 2 clients
+        assert r["flower_messages"] == 2 and r["flower_bytes_up"] > r["bytes_up"]
+    assert summary["rounds"] == 2 and (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert len(started) == 4  # superlink, 2 supernodes, flwr run
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (any(_alive(p) for p in started) or _in_groups(started)):
+        time.sleep(0.5)
+    assert not [p for p in started if _alive(p)], "processes left behind"
+    assert not _in_groups(started), "children of the started processes left behind"
+
+
+def _in_groups(pgids: list[int]) -> list[int]:
+    """Live processes in the process groups of ``pgids`` (each started process leads its own group)."""
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True, timeout=30).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return [int(pid) for pid, pgid, stat in rows if int(pgid) in pgids and not stat.startswith("Z")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=30).stdout
+    return bool(state.strip()) and not state.strip().startswith("Z")
+
+
+def test_runner_dispatches_to_flower_and_deployment_refuses_to_resume(tmp_path):
+    cfg = config.load_config(None, ["data.num_clients=2", "federation.engine=flower-deployment"])
+    with pytest.raises(ValueError, match="cannot resume"):
+        runner.run(cfg, tmp_path / "run", resume=True)
