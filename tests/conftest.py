@@ -6,11 +6,13 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -66,3 +68,19 @@ def make_clients(
 def ideal(clients: Sequence[RawClient], weights: torch.Tensor, module: str) -> torch.Tensor:
     """Σ_u w_u s_u B_u A_u, dense, float64."""
     return sum(float(w) * c.delta(module) for w, c in zip(weights, clients, strict=True))
+
+
+@pytest.fixture(scope="session")
+def rt_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded 240-example sample of the real packaged Rotten Tomatoes data as a local CSV (string labels), so
+    integration runs on the real MiniLM evaluate in seconds."""
+    import pandas as pd
+
+    from fedlora.data import load_dataset
+
+    ds = load_dataset("fedlora:rotten-tomatoes")
+    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0))[:240].tolist()
+    path = tmp_path_factory.mktemp("data") / "rt_sample.csv"
+    frame = pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]})
+    frame.to_csv(path, index=False)
+    return path

@@ -124,11 +124,12 @@ def lines(run_dir: Path) -> list[dict]:
 
 def descendants() -> set[int]:
     """PIDs of this process's descendants (Ray's raylet, GCS and actors while a simulation runs)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,stat="], capture_output=True, text=True, timeout=30).stdout
+    ps = subprocess.Popen(["ps", "-eo", "pid=,ppid=,stat="], stdout=subprocess.PIPE, text=True)
+    out, _ = ps.communicate(timeout=30)
     children: dict[int, list[int]] = {}
     for line in out.splitlines():
         pid, ppid, stat = line.split()
-        if not stat.startswith("Z"):  # exited, not yet reaped
+        if not stat.startswith("Z") and int(pid) != ps.pid:  # neither exited-but-unreaped nor this ps
             children.setdefault(int(ppid), []).append(int(pid))
     found, todo = set(), [os.getpid()]
     while todo:

@@ -9,15 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
 from conftest import RawClient, ideal, make_clients
 from fedlora import config, methods, peft_io, runner
-from fedlora.data import load_dataset
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.payload import pack_adapter, unpack_adapter, unpack_base_edits
 from fedlora.types import Contribution, Payload
@@ -471,17 +468,6 @@ def test_inputs_and_server_state_are_never_mutated(name):
 
 # --------------------------------------------------------------------------------------------------------------
 # Integration: 2 clients × 2 rounds on the packaged MiniLM
-
-
-@pytest.fixture(scope="module")
-def rt_csv(tmp_path_factory) -> Path:
-    ds = load_dataset("fedlora:rotten-tomatoes")
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0))[:240].tolist()
-    path = tmp_path_factory.mktemp("data") / "rt_sample.csv"
-    pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]}).to_csv(
-        path, index=False
-    )
-    return path
 
 
 @pytest.mark.integration

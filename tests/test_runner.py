@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,23 +20,11 @@ from typer.testing import CliRunner
 
 from fedlora import config, runner
 from fedlora.cli import app
-from fedlora.data import load_dataset
 
 pytestmark = pytest.mark.integration
 REQUIRED = {"round", "global_accuracy", "global_loss", "local_accuracy", "local_global_gap", "divergence"}
 REQUIRED |= {"bytes_up", "bytes_down", "seconds"}
 cli = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def rt_csv(tmp_path_factory) -> Path:
-    ds = load_dataset("fedlora:rotten-tomatoes")
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0))[:240].tolist()
-    path = tmp_path_factory.mktemp("data") / "rt_sample.csv"
-    pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]}).to_csv(
-        path, index=False
-    )
-    return path
 
 
 def tiny(rt_csv: Path, out: Path, *extra: str) -> config.ExperimentConfig:

@@ -12,12 +12,10 @@ import json
 import math
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
 from fedlora import config, methods, peft_io, runner, training
-from fedlora.data import load_dataset
 from fedlora.methods import server_opt
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.methods.fslora import draw_sketch
@@ -488,17 +486,6 @@ def test_grad_masks_with_a_wrong_shape_fail_clearly():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Integration: 2 clients × 2 rounds on the packaged MiniLM and real Rotten Tomatoes snippets
-
-
-@pytest.fixture(scope="module")
-def rt_csv(tmp_path_factory) -> Path:
-    ds = load_dataset("fedlora:rotten-tomatoes")
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0))[:240].tolist()
-    path = tmp_path_factory.mktemp("data") / "rt_sample.csv"
-    pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]}).to_csv(
-        path, index=False
-    )
-    return path
 
 
 def run_tiny(rt_csv: Path, out: Path, *extra: str) -> list[dict]:

@@ -16,7 +16,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pandas as pd
 import pytest
 import torch
 from peft import PeftModel
@@ -26,7 +25,6 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 from fedlora import config, methods, peft_io, runner
 from fedlora.config import ConfigError, load_config
-from fedlora.data import load_dataset
 from fedlora.methods.base import ClientInfo, GlobalModel, ModelInfo
 from fedlora.types import AggregationReport, BaseEdit, Contribution, LowRank
 
@@ -335,17 +333,6 @@ def test_methods_declare_their_variants() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Integration: 2 clients × 2 rounds on the packaged MiniLM
-
-
-@pytest.fixture(scope="module")
-def rt_csv(tmp_path_factory) -> Path:
-    ds = load_dataset("fedlora:rotten-tomatoes")
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0))[:240].tolist()
-    path = tmp_path_factory.mktemp("data") / "rt_sample.csv"
-    pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]}).to_csv(
-        path, index=False
-    )
-    return path
 
 
 @pytest.mark.integration
