@@ -2,8 +2,8 @@
 
 Message types (``group_id`` is the round):
 
-- ``query``: reply with the node's ``partition-id`` (the server maps node ids to clients with it; it needs no
-  torch, so the reply is quick even where each message starts a fresh process).
+- ``query``: reply with the node's ``partition-id`` (the server maps node ids to clients with it; no model is
+  built for it).
 - ``train``: the client's download (records ``arrays`` + ``meta``, see :mod:`fedlora.flower.records`) →
   ``runner.train_one`` (the method's ``prepare`` → the shared training loop → local evaluation → ``upload``) →
   reply with the upload and the metrics (``num-examples``, ``local-accuracy``, ``train-loss``, timings,

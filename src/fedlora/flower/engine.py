@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import config as cfgmod
-from fedlora import runner
+from fedlora import methods, runner
 
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # otherwise Flower installs its own torch
@@ -28,6 +28,12 @@ def run(
     cfg: cfgmod.ExperimentConfig, run_dir: Path | None = None, resume: bool = False, progress: Any | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) ``cfg`` on the Flower engine it names; the same run directory as ``runner.run``."""
+    if getattr(methods.build(cfg.federation.method, cfg.method), "evaluation_model", None) is not None:
+        raise ValueError(
+            f"federation.method = {cfg.federation.method!r} evaluates its global model from what stays on the "
+            f"clients (runner.global_model); on federation.engine = {cfg.federation.engine!r} the nodes would have to "
+            "report it, which is not built yet: use federation.engine = 'inprocess'"
+        )
     run_dir = (run_dir or runner.default_run_dir(cfg)).resolve()
     if not resume:
         runner.check_fresh_dir(run_dir)
