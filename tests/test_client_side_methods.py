@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from fedlora import methods, runner
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.types import Contribution, LowRank, Payload
-from test_runner import rt_csv, tiny  # noqa: F401  (rt_csv is a fixture)
+from test_runner import tiny
 
 R, ALPHA = 3, 5.0
 SCALE = ALPHA / R
@@ -357,7 +357,7 @@ def _records(run_dir):
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["ffa_lora", "fedsa_lora", "rolora"])
-def test_two_clients_two_rounds_on_minilm(rt_csv, tmp_path, name):  # noqa: F811
+def test_two_clients_two_rounds_on_minilm(rt_csv, tmp_path, name):
     cfg = tiny(rt_csv, tmp_path / "run", f"federation.method={name}", "data.num_clients=2", "data.partition=iid")
     run_dir, summary = runner.run(cfg, tmp_path / "run")
     r1, r2 = _records(run_dir)
