@@ -26,6 +26,7 @@ measurement records the 1-minute load average. Targets at d = k = 4096, r = 16, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -375,8 +376,11 @@ def run_rule(name: str, adapters: Sequence[Adapter], w: Tensor, opts: Options) -
     return timing, out, method
 
 
-def run_measure(adapters: Sequence[Adapter], t: Tensor, out: Aggregated, opts: Options) -> tuple[Timing, Any]:
-    return timed(lambda: measure(adapters, t, out), opts.repeats, opts.budget)
+def run_measure(
+    adapters: Sequence[Adapter], t: Tensor, w: Tensor, out: Aggregated, opts: Options
+) -> tuple[Timing, AggregationReport]:
+    """``measure`` as ``FactorMethod.aggregate`` calls it: target weights t, FedIT weights w."""
+    return timed(lambda: measure(adapters, t, out, w), opts.repeats, opts.budget)
 
 
 @dataclass(frozen=True)
@@ -435,7 +439,7 @@ def measure_method(
     busy = wait_quiet(opts.quiet_wait) if opts.quiet_wait > 0 else math.nan
     rule_t, out, method = run_rule(name, adapters, w, opts)
     t = target_weights(w, method.params)
-    meas_t, report = run_measure(adapters, t, out, opts)
+    meas_t, report = run_measure(adapters, t, w, out, opts)
     err = report.modules[MODULE]
     Bs, As = [c.B for c in clients], [c.A for c in clients]
     row = Row(
@@ -722,7 +726,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="before each method, wait up to this many s for other tenants to leave the CPUs (default 3; 0: off)",
     )
     p.add_argument("--out", type=Path, help="append one JSON line per (configuration, method)")
-    p.add_argument("--report", type=Path, help="print markdown tables from a saved JSONL run and exit")
+    p.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        help="print markdown tables from saved JSONL runs and exit (later files replace matching rows)",
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.quick:
@@ -759,13 +768,25 @@ def warm_up(methods_: Sequence[str]) -> None:
         measure_method(name, Config(64, 4, 3, "gauge"), [{MODULE: c} for c in clients], clients, w, ref, 1.0, opts)
 
 
-def write_rows(path: Path | None, rows: Sequence[Row], meta: dict[str, Any]) -> None:
+def append_jsonl(path: Path | None, records: Iterable[dict[str, Any]]) -> None:
     if path is None:
         return
     with path.open("a") as fh:
-        for row in rows:
-            record = asdict(row) | {"dense_measure_s": row.dense_measure_s} | meta
+        for record in records:
             fh.write(json.dumps(record) + "\n")
+
+
+def row_record(row: Row, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "row"} | asdict(row) | {"dense_measure_s": row.dense_measure_s} | meta
+
+
+def src_digest() -> str:
+    """A short hash of the fedlora sources this run measured (the tree changes while people work)."""
+    root = Path(methods.__file__).parent.parent  # src/fedlora (a namespace package: no __file__ of its own)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -779,20 +800,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     warm_up(args.methods)
     bandwidth = copy_bandwidth()
+    meta = {"bandwidth_gbs": bandwidth, "seed": args.seed, "threads": torch.get_num_threads(), "src": src_digest()}
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"fedlora sources {meta['src']}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs; "
         f"copy bandwidth {bandwidth:.1f} GB/s (read + write); load {load1():.2f}"
     )
     print(HEADER)
     rows: list[Row] = []
     for cfg in configs(args):
         new = run_config(cfg, args.seed, bandwidth, args.methods, opts)
+        append_jsonl(args.out, (row_record(row, meta) for row in new))  # capped dense times are filled on --report
         fill_estimates([*rows, *new])
         print_rows(new)
         rows += new
     fill_estimates(rows)
     bandwidth_end = copy_bandwidth()
-    write_rows(args.out, rows, {"bandwidth_gbs": bandwidth, "bandwidth_end_gbs": bandwidth_end, "seed": args.seed})
+    append_jsonl(args.out, [{"kind": "end", "bandwidth_end_gbs": bandwidth_end, "wall_s": time.time() - started}])
     print(f"\ncopy bandwidth at the end {bandwidth_end:.1f} GB/s; wall time {time.time() - started:.0f} s")
     for line in slower_than_dense(rows) or ["no configuration slower than its dense route"]:
         print(line)
@@ -802,13 +826,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---- report from a saved run -----------------------------------------------------------------------------------
-def load_rows(path: Path) -> list[Row]:
-    names = {f for f in Row.__dataclass_fields__}
-    return [Row(**{k: v for k, v in json.loads(line).items() if k in names}) for line in path.read_text().splitlines()]
+def load_rows(paths: Sequence[Path]) -> list[Row]:
+    """Rows of saved runs; a later file's row replaces an earlier one for the same configuration and method."""
+    names = set(Row.__dataclass_fields__)
+    rows: dict[tuple[Any, ...], Row] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("kind", "row") == "row":
+                row = Row(**{k: v for k, v in record.items() if k in names})
+                rows[(row.regime, row.d, row.r, row.U, row.method)] = row
+    return list(rows.values())
 
 
-def print_report(path: Path) -> None:
-    rows = load_rows(path)
+def print_report(paths: Sequence[Path]) -> None:
+    rows = load_rows(paths)
+    fill_estimates(rows)
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     for row in rows:
