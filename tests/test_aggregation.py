@@ -339,6 +339,8 @@ def test_dense_route_of_the_svd_matches_the_core_route(monkeypatch):
     monkeypatch.setattr(linalg, "CORE_RATIO", 0.0)
     dense = linalg.ideal_svd(Bs, As, w)
     assert torch.allclose(core.S, dense.S[: core.S.numel()], rtol=1e-10)
+    only_values = linalg.ideal_svd(Bs, As, w, vectors=False)
+    assert torch.allclose(only_values.S, dense.S, rtol=1e-6) and only_values.U.numel() == 0
 
 
 @pytest.mark.parametrize("name", FOUNDATION)

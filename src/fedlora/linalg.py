@@ -52,20 +52,27 @@ class SVD:
         return float((self.S[rank:] ** 2).sum().sqrt())
 
 
-def ideal_svd(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor) -> SVD:
-    """SVD of M = Σ w_u B_u A_u from its factors.
+def ideal_svd(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, vectors: bool = True) -> SVD:
+    """SVD of M = Σ w_u B_u A_u from its factors (``vectors=False``: singular values only, U and Vh empty).
 
     QR-core route: B_w = Q_B R_B, Aᵀ = Q_A R_A, M = Q_B (R_B R_Aᵀ) Q_Aᵀ, SVD of the n×n core C = X Σ Yᵀ,
-    U = Q_B X, Vh = Yᵀ Q_Aᵀ. Cost O((d+k)n² + n³), no d×k matrix. Dense route when n ≳ 0.8·min(d, k).
+    U = Q_B X, Vh = Yᵀ Q_Aᵀ. Cost O((d+k)n² + n³), no d×k matrix, float64. When n ≳ 0.8·min(d, k) the core is as
+    large as M itself: then M is formed (float64) and decomposed directly.
     """
     Bw, A = weighted_stacks(Bs, As, weights)
     d, n = Bw.shape
     k = A.shape[1]
+    empty = Bw.new_zeros(0)
     if n > CORE_RATIO * min(d, k):
-        U, S, Vh = torch.linalg.svd(Bw @ A, full_matrices=False)  # (d, k) formed: cheaper than the core here
+        M = Bw @ A  # (d, k): cheaper than the core here
+        if not vectors:
+            return SVD(empty, torch.linalg.svdvals(M), empty)
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return SVD(U, S, Vh)
     QB, RB = torch.linalg.qr(Bw)  # (d, n), (n, n)
     QA, RA = torch.linalg.qr(A.T)  # (k, n), (n, n)
+    if not vectors:
+        return SVD(empty, torch.linalg.svdvals(RB @ RA.T), empty)
     X, S, Yh = torch.linalg.svd(RB @ RA.T)  # core (n, n)
     return SVD(QB @ X, S, Yh @ QA.T)
 
@@ -130,7 +137,7 @@ def module_errors(
     fedit_weights: the weights FedIT would average the factors with (default ``weights``; differs from the
         target weights when the target is the sum).
     """
-    svd = ideal_svd(Bs, As, weights)
+    svd = ideal_svd(Bs, As, weights, vectors=False)
     energy = svd.energy()
     Bw, A = weighted_stacks(Bs, As, weights)
     if applied:
