@@ -341,6 +341,14 @@ def test_dense_route_of_the_svd_matches_the_core_route(monkeypatch):
     assert torch.allclose(core.S, dense.S[: core.S.numel()], rtol=1e-10)
     only_values = linalg.ideal_svd(Bs, As, w, vectors=False)
     assert torch.allclose(only_values.S, dense.S, rtol=1e-6) and only_values.U.numel() == 0
+    assert only_values.energy() == pytest.approx(core.energy(), rel=1e-12)
+    monkeypatch.setattr(linalg, "DENSE_FP32_SIZE", 0)  # the float32 branch used for large M
+    low = linalg.ideal_svd(Bs, As, w)
+    assert torch.allclose(low.S[: core.S.numel()], core.S, rtol=1e-5)
+    assert low.energy() == pytest.approx(core.energy(), rel=1e-12)  # ‖M‖² stays float64
+    trunc, _ = linalg.truncated_svd(Bs, As, w, 3)
+    M = sum(float(wi) * b.double() @ a.double() for wi, b, a in zip(w, Bs, As, strict=True))
+    assert float((M - trunc.dense().double()).norm()) <= float(core.S[3:].norm()) + 1e-5 * float(M.norm())
 
 
 @pytest.mark.parametrize("name", FOUNDATION)

@@ -27,6 +27,12 @@ F64 = torch.float64
 CORE_RATIO = 0.8
 """QR-core SVD while n ≤ CORE_RATIO·min(d, k); dense SVD of the formed M beyond (aggregation-math.md §c)."""
 
+DENSE_FP32_SIZE = 1 << 22
+"""On the dense route, M with at least this many entries (2048×2048) is decomposed in float32, as a
+straightforward dense implementation does (float64 would make fedlora slower than that baseline); ‖M‖² stays exact
+(float64), so divergences keep their precision and only the Eckart–Young tail and FlexLoRA's factors carry
+float32 rounding there."""
+
 
 def weighted_stacks(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
     """B_w = [w_1 B_1 … w_U B_U] (d×n) and A = [A_1; …; A_U] (n×k), in float64. Ranks may differ."""
@@ -42,10 +48,11 @@ class SVD:
     U: Tensor
     S: Tensor
     Vh: Tensor
+    total: float | None = None  # ‖M‖_F² when computed apart from S (float32 dense route)
 
     def energy(self) -> float:
         """‖M‖_F² = Σ σ_i²."""
-        return float((self.S**2).sum())
+        return self.total if self.total is not None else float((self.S**2).sum())
 
     def tail(self, rank: int) -> float:
         """Eckart–Young: ‖M − M_r‖_F = sqrt(Σ_{i>r} σ_i²)."""
@@ -64,11 +71,13 @@ def ideal_svd(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, vecto
     k = A.shape[1]
     empty = Bw.new_zeros(0)
     if n > CORE_RATIO * min(d, k):
-        M = Bw @ A  # (d, k): cheaper than the core here
+        M = Bw @ A  # (d, k), float64: cheaper than the core here
+        total = float((M * M).sum())
+        X = M.float() if M.numel() >= DENSE_FP32_SIZE else M
         if not vectors:
-            return SVD(empty, torch.linalg.svdvals(M), empty)
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return SVD(U, S, Vh)
+            return SVD(empty, torch.linalg.svdvals(X).to(F64), empty, total)
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        return SVD(U.to(F64), S.to(F64), Vh.to(F64), total)
     QB, RB = torch.linalg.qr(Bw)  # (d, n), (n, n)
     QA, RA = torch.linalg.qr(A.T)  # (k, n), (n, n)
     if not vectors:
