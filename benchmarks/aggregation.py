@@ -597,6 +597,10 @@ def table_line(row: Row) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def where(row: Row) -> str:
+    return f"{row.regime} d={row.d} r={row.r} U={row.U}"
+
+
 def baseline_lines(rows: Sequence[Row]) -> list[str]:
     lines = []
     for row in rows:
@@ -605,13 +609,14 @@ def baseline_lines(rows: Sequence[Row]) -> list[str]:
             state = f"reached in {a['steps']} steps" if a["reached"] else f"not reached in {a['steps']} steps"
             gap = a["gap99_steps"] if a["gap99_steps"] is not None else "not seen"
             lines.append(
-                f"    flora_na vs adam: adam {state}, {fmt_ms(a['seconds'])} ms (form M {fmt_ms(a['form_m_s'])} ms, "
+                f"    [{where(row)}] flora_na vs adam: adam {state}, {fmt_ms(a['seconds'])} ms "
+                f"(form M {fmt_ms(a['form_m_s'])} ms, "
                 f"{fmt_ms(a['step_s'])} ms/step, best err {a['best_error']:.5g}); gap-99 steps: {gap}; "
                 f"Newton its {row.extra['iterations']}"
             )
         if row.method == "flexlora" and "excess" in row.extra:
             lines.append(
-                f"    flexlora excess error {row.extra['excess']:.2e} ({row.extra['excess_source']}), "
+                f"    [{where(row)}] flexlora excess error {row.extra['excess']:.2e} ({row.extra['excess_source']}), "
                 f"measure's own {row.extra['excess_measure']:.2e}"
             )
     return lines
@@ -839,6 +844,67 @@ def load_rows(paths: Sequence[Path]) -> list[Row]:
     return list(rows.values())
 
 
+ADAM_HEADER = (
+    "| regime | d | r | U | n | FedIT err | FLoRA-NA err | Newton its | FLoRA-NA ms | adam steps to 1% | adam ms "
+    "| form M ms | adam ms/step | speedup | adam best err | gap-99 steps |"
+)
+SVD_HEADER = (
+    "| regime | d | r | U | n | FlexLoRA ms | dense SVD ms | speedup | excess error (fp64 dense residual) "
+    "| e_EY source | excess from measure |"
+)
+
+
+def adam_table(rows: Sequence[Row]) -> list[str]:
+    out = [ADAM_HEADER, "|" + "---|" * (ADAM_HEADER.count("|") - 1)]
+    for row in rows:
+        if "adam" not in row.extra:
+            continue
+        a = row.extra["adam"]
+        steps = str(a["steps"]) if a["reached"] else f"not in {a['steps']}"
+        cells = [
+            row.regime,
+            str(row.d),
+            str(row.r),
+            str(row.U),
+            str(row.n),
+            f"{row.fedit:.4g}",
+            f"{row.divergence:.4g}",
+            str(row.extra["iterations"]),
+            fmt_ms(row.rule_s),
+            steps,
+            fmt_ms(a["seconds"]),
+            fmt_ms(a["form_m_s"]),
+            fmt_ms(a["step_s"]),
+            fmt_ratio(a["seconds"] / row.rule_s, not a["reached"]),
+            f"{a['best_error']:.4g}",
+            "-" if a["gap99_steps"] is None else str(a["gap99_steps"]),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def svd_table(rows: Sequence[Row]) -> list[str]:
+    out = [SVD_HEADER, "|" + "---|" * (SVD_HEADER.count("|") - 1)]
+    for row in rows:
+        if row.method != "flexlora" or "excess" not in row.extra:
+            continue
+        cells = [
+            row.regime,
+            str(row.d),
+            str(row.r),
+            str(row.U),
+            str(row.n),
+            fmt_ms(row.rule_s),
+            fmt_ms(row.dense_rule_s, row.dense_rule_estimated),
+            fmt_ratio(ratio(row.dense_rule_s, row.rule_s), False, row.dense_rule_estimated),
+            f"{row.extra['excess']:.2e}",
+            row.extra["excess_source"],
+            f"{row.extra['excess_measure']:.2e}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def print_report(paths: Sequence[Path]) -> None:
     rows = load_rows(paths)
     fill_estimates(rows)
@@ -846,9 +912,9 @@ def print_report(paths: Sequence[Path]) -> None:
     print("|" + "---|" * (HEADER.count("|") - 1))
     for row in rows:
         print(table_line(row))
-    print()
-    for line in baseline_lines(rows):
-        print(line)
+    for table in (adam_table(rows), svd_table(rows)):
+        print()
+        print("\n".join(table))
     print()
     for line in [*slower_than_dense(rows), *target_lines(rows)]:
         print(line)
