@@ -18,6 +18,5 @@ grid=(
 for cell in "${grid[@]}"; do
   read -r name seed <<<"$cell"
   dir="$out/$name-seed$seed"
-  [[ -f $dir/comparison.md ]] && continue
-  .venv/bin/fedlora compare "configs/evidence/$name.toml" --methods "$methods" --out "$dir" "seed=$seed"
+  .venv/bin/fedlora compare "configs/evidence/$name.toml" --methods "$methods" --out "$dir" --resume "seed=$seed"
 done

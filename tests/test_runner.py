@@ -185,6 +185,17 @@ def test_compare_and_plot(rt_csv, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "plots" / "accuracy.png").exists()
 
+    # --resume keeps the finished runs and runs only what is missing; a changed config is refused
+    kept = (out / "fedit" / "metrics.jsonl").stat().st_mtime_ns
+    args = ["--out", str(out), "--resume", f"data.dataset={rt_csv}", "data.num_clients=2", "federation.rounds=1"]
+    args += ["train.local_steps=1", "data.max_length=32"]
+    res = cli.invoke(app, ["compare", "--methods", "fedit,flora_na,fedex_lora", *args])
+    assert res.exit_code == 0, res.output
+    assert (out / "fedit" / "metrics.jsonl").stat().st_mtime_ns == kept
+    assert "| fedex_lora |" in (out / "comparison.md").read_text()
+    res = cli.invoke(app, ["compare", "--methods", "fedit", *args, "seed=7"])
+    assert res.exit_code != 0 and "differs" in res.output
+
 
 @pytest.mark.parametrize(
     ("args", "expected"),

@@ -117,8 +117,15 @@ def compare(
     ctx: typer.Context,
     methods_: Annotated[str, typer.Option("--methods", help="Comma-separated method names.")],
     out: Annotated[Path | None, typer.Option(help="Directory for the runs, table and plots.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Keep finished runs under --out, continue interrupted ones.")
+    ] = False,
 ) -> None:
-    """Run several methods on the same partition and seed: fedlora compare [CONFIG] --methods a,b [k=v ...]."""
+    """Run several methods on the same partition and seed: fedlora compare [CONFIG] --methods a,b [k=v ...].
+
+    With ``--resume`` a comparison that was interrupted continues: methods whose run under ``--out`` finished
+    (summary.json) are kept, an interrupted one resumes from its checkpoint (its saved config must equal the
+    one this command resolves), the others start."""
     from datetime import datetime
 
     from fedlora import config, methods, plots
@@ -131,7 +138,7 @@ def compare(
         base = config.load_config(path, overrides)
         out = out or Path(base.output.dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare")
         cfgs = {n: config.with_overrides(base, [f"federation.method={n}", f"output.dir={out / n}"]) for n in names}
-        summaries = {n: _execute(c, out / n, False)[1] for n, c in cfgs.items()}
+        summaries = {n: _compare_one(c, out / n, resume) for n, c in cfgs.items()}
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     (out / "comparison.md").write_text(plots.markdown_table(summaries))
@@ -139,6 +146,21 @@ def compare(
     plots.plot_runs([out / n for n in names], out)
     console.print(_summary_table(summaries))
     console.print(f"comparison: {out / 'comparison.md'}")
+
+
+def _compare_one(cfg: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
+    from fedlora import config, runner
+
+    if not resume or not (run_dir / runner.CHECKPOINT).exists():
+        return _execute(cfg, run_dir, False)[1]
+    saved = (run_dir / "config.toml").read_text()
+    if saved != config.dump_toml(cfg):
+        raise ValueError(f"--resume: {run_dir}/config.toml differs from this comparison's config; use another --out")
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        console.print(f"{cfg.federation.method}: finished earlier, kept ({summary})")
+        return dict(json.loads(summary.read_text()))
+    return _execute(cfg, run_dir, True)[1]
 
 
 @app.command()
