@@ -344,11 +344,36 @@ def test_dense_route_of_the_svd_matches_the_core_route(monkeypatch):
     assert only_values.energy() == pytest.approx(core.energy(), rel=1e-12)
     monkeypatch.setattr(linalg, "DENSE_FP32_SIZE", 0)  # the float32 branch used for large M
     low = linalg.ideal_svd(Bs, As, w)
+    assert low.formed is not None and low.formed.dtype == torch.float32
     assert torch.allclose(low.S[: core.S.numel()], core.S, rtol=1e-5)
-    assert low.energy() == pytest.approx(core.energy(), rel=1e-12)  # ‖M‖² stays float64
+    assert low.energy() == pytest.approx(core.energy(), rel=1e-6)
     trunc, _ = linalg.truncated_svd(Bs, As, w, 3)
     M = sum(float(wi) * b.double() @ a.double() for wi, b, a in zip(w, Bs, As, strict=True))
     assert float((M - trunc.dense().double()).norm()) <= float(core.S[3:].norm()) + 1e-5 * float(M.norm())
+
+
+def test_float32_dense_route_measures_errors_directly(monkeypatch):
+    """On the float32 dense route an exact candidate still measures ~0 (no cancellation against ‖M‖²), and the
+    divergence and FedIT error agree with float64 dense computations."""
+    from fedlora import linalg
+
+    clients = make_clients({"q": (12, 9)}, [4, 4, 3], alpha=5.0, seed=2)
+    w = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    Bs, As = [c.canonical()["q"].B for c in clients], [c.canonical()["q"].A for c in clients]
+    M = sum(float(wi) * b.double() @ a.double() for wi, b, a in zip(w, Bs, As, strict=True))
+    stack = LowRank(torch.cat([float(wi) * b for wi, b in zip(w, Bs, strict=True)], 1), torch.cat(As, 0))
+    half = LowRank(0.5 * Bs[0], As[0])
+    monkeypatch.setattr(linalg, "CORE_RATIO", 0.0)
+    monkeypatch.setattr(linalg, "DENSE_FP32_SIZE", 0)
+    exact = linalg.module_errors(Bs, As, w, [stack], rank=4)
+    partial = linalg.module_errors(Bs, As, w, [half], rank=4)
+    assert exact.divergence < 1e-6
+    norm = float(M.norm())
+    assert partial.divergence == pytest.approx(float((M - half.dense().double()).norm()) / norm, rel=1e-5)
+    pad = torch.nn.functional.pad  # FedIT zero-pads the rank-3 client to r = 4
+    Bbar = sum(float(wi) * pad(b.double(), (0, 4 - b.shape[1])) for wi, b in zip(w, Bs, strict=True))
+    Abar = sum(float(wi) * pad(a.double(), (0, 0, 0, 4 - a.shape[0])) for wi, a in zip(w, As, strict=True))
+    assert partial.fedit == pytest.approx(float((M - Bbar @ Abar).norm()) / norm, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", FOUNDATION)

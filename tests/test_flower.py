@@ -197,18 +197,32 @@ def test_simulation_matches_the_in_process_runner(rt_csv, tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_simulation_leaves_a_failing_client_out(rt_csv, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAIL_ENV, "1")  # test-only fault injection, read by the ServerApp
+def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAIL_ENV, "1,2:hang")  # test-only fault injection, read by the ServerApp
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.engine=flower-simulation")
-    cfg = config.with_overrides(cfg, ["federation.rounds=1"])
+    cfg = config.with_overrides(cfg, ["federation.rounds=1", "data.num_clients=3", "federation.round_timeout=60"])
+    started = time.monotonic()
     run_dir, summary = runner.run(cfg, tmp_path / "run")
     (record,) = lines(run_dir)
     assert record["clients"] == [0] and record["flower_messages"] == 1
     assert "injected failure" in record["failed_clients"]["1"]
-    assert summary["rounds"] == 1
-    strict = config.with_overrides(cfg, ["federation.min_clients=2", f"output.dir={tmp_path / 'strict'}"])
-    with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 2"):
+    assert "no reply within federation.round_timeout = 60" in record["failed_clients"]["2"]
+    assert summary["rounds"] == 1 and summary["missing_clients"] == {"1": [1], "2": [1]}
+    assert time.monotonic() - started < 60 + 240  # waited for the round timeout, not for the hanging client
+    monkeypatch.setenv(FAIL_ENV, "1")
+    strict = config.with_overrides(cfg, ["federation.min_clients=3", f"output.dir={tmp_path / 'strict'}"])
+    with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 3"):
         runner.run(strict, tmp_path / "strict")
+
+
+def test_an_old_flower_is_refused_before_anything_starts(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.20.3")
+    cfg = config.load_config(None, ["data.num_clients=2", "federation.engine=flower-simulation"])
+    with pytest.raises(RuntimeError, match=r"flwr 1\.20\.3 is installed; the Flower engines need flwr>=1\.41"):
+        runner.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_free_ports_are_distinct_and_bindable():
@@ -237,10 +251,29 @@ def test_deployment_app_pyproject_carries_the_run_config(tmp_path):
     assert records.from_run_config(app["config"]) == cfg
 
 
+def _kill_node_after_round(run_dir: Path, name: str, rnd: int, killed: list[int]) -> None:
+    """Once metrics.jsonl has ``rnd`` rounds, SIGKILL the process group of SuperNode ``name`` (from pids.json)."""
+    import signal
+
+    deadline = time.monotonic() + 1200
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rnd:
+            pid = json.loads((run_dir / "flower" / "pids.json").read_text())[name]
+            os.killpg(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.2)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_deployment_runs_two_supernodes_and_stops_every_process(rt_csv, tmp_path, monkeypatch):
+def test_deployment_survives_a_killed_supernode_and_stops_every_process(rt_csv, tmp_path, monkeypatch):
+    """SuperLink + 3 SuperNodes on loopback, 2 rounds of FLoRA-NA; SuperNode 2 is killed after round 1: round 2
+    runs with the 2 remaining nodes, the run records who was missing, and no process is left behind."""
+    import threading
+
     from fedlora.flower import deployment
 
     started: list[int] = []
@@ -252,16 +285,55 @@ def test_deployment_runs_two_supernodes_and_stops_every_process(rt_csv, tmp_path
 
     monkeypatch.setattr(deployment.Processes, "stop", stop)
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=flora_na", "federation.engine=flower-deployment")
+    cfg = config.with_overrides(cfg, ["data.num_clients=3", "federation.round_timeout=150"])
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_node_after_round, args=(tmp_path / "run", "supernode-2", 1, killed))
+    killer.start()
     run_dir, summary = runner.run(cfg, tmp_path / "run")
-    records_ = lines(run_dir)
-    assert [r["round"] for r in records_] == [1, 2]
-    for r in records_:
-        assert r["clients"] == [0, 1] and r["failed_clients"] == {}
+    killer.join(5)
+    assert killed, "the SuperNode was never killed"
+    first, second = lines(run_dir)
+    assert first["clients"] == [0, 1, 2] and first["failed_clients"] == {}
+    assert second["clients"] == [0, 1] and set(second["failed_clients"]) == {"2"}
+    assert summary["rounds"] == 2 and summary["missing_clients"] == {"2": [2]}
+    for r, n in ((first, 3), (second, 2)):
         assert 0.0 <= r["global_accuracy"] <= 1.0 and 0 <= r["divergence"] <= r["fedit_divergence"] + 1e-9
-        assert r["bytes_up"] == 2 * (12 * 8 * (384 + 384) * 4 + (2 * 384 + 2) * 4)  # 12 modules + head, 2 clients
-        assert r["flower_messages"] == 2 and r["flower_bytes_up"] > r["bytes_up"]
-    assert summary["rounds"] == 2 and (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    assert len(started) == 4  # superlink, 2 supernodes, flwr run
+        assert r["bytes_up"] == n * (12 * 8 * (384 + 384) * 4 + (2 * 384 + 2) * 4)  # 12 modules + head
+        assert r["flower_messages"] == n and r["flower_bytes_up"] > r["bytes_up"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert len(started) == 5  # superlink, 3 supernodes, flwr run
+    _assert_all_gone(started)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_deployment_fails_cleanly_when_supernodes_cannot_reach_the_superlink(rt_csv, tmp_path, monkeypatch):
+    from fedlora.flower import deployment
+
+    dead_port = deployment.free_ports(1)[0]  # nothing listens there
+    real_argv = deployment.supernode_argv
+    monkeypatch.setattr(deployment, "START_TIMEOUT", 15.0)
+    monkeypatch.setattr(
+        deployment, "supernode_argv", lambda b, link, *rest: real_argv(b, f"127.0.0.1:{dead_port}", *rest)
+    )
+    started: list[int] = []
+    real_stop = deployment.Processes.stop
+
+    def stop(self):
+        started.extend(self.pids)
+        real_stop(self)
+
+    monkeypatch.setattr(deployment.Processes, "stop", stop)
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.engine=flower-deployment")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="every SuperNode exited before the run finished"):
+        runner.run(cfg, tmp_path / "run")
+    assert time.monotonic() - t0 < 200
+    assert len(started) == 4
+    _assert_all_gone(started)
+
+
+def _assert_all_gone(started: list[int]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (any(_alive(p) for p in started) or _in_groups(started)):
         time.sleep(0.5)

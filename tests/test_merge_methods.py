@@ -242,6 +242,23 @@ def test_pfedloru_personal_pair_stays_local_and_is_kept():
     assert report.bytes_up[1] == sum((r - r_p) * (d + k) * 8 for d, k in SHAPES.values())  # float64 factors
 
 
+def test_pfedloru_personal_init_follows_the_run_seed():
+    r, r_p = 5, 2
+    method = methods.build("pfedloru", {"tau": 2, "personal_rank": r_p})
+    info = ClientInfo(1, r)
+
+    def personal_A(seed: int, client: ClientInfo = info) -> dict[str, torch.Tensor]:
+        state = method.init_server(ModelInfo(specs_of(SHAPES), r), seed=seed)
+        plan, _ = method.prepare(method.init_client(client), method.broadcast(state, client, 1), client, 1)
+        return {m: plan.adapter[m].A[r - r_p :] for m in SHAPES}
+
+    same, again, other = personal_A(3), personal_A(3), personal_A(4)
+    other_client = personal_A(3, ClientInfo(2, r))
+    assert all(torch.equal(same[m], again[m]) for m in SHAPES)
+    assert all(not torch.equal(same[m], other[m]) for m in SHAPES)
+    assert all(not torch.equal(same[m], other_client[m]) for m in SHAPES)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # FRLoRA
 

@@ -9,13 +9,15 @@ A = [A_1; …; A_U] (n×k), n = Σ r_u.
   as large as M and forming M is cheaper).
 * ``module_errors``: ‖M − XY‖_F / ‖M‖_F for any factored candidate XY, by identity (A1):
   ‖XY − M‖² = ⟨XᵀX, YYᵀ⟩ − 2 Σ_t w_t ⟨XᵀB_t, Y A_tᵀ⟩ + ‖M‖², with ‖M‖² = Σ σ_i² from the SVD core.
-All of it runs in float64 (the identity subtracts terms of size ‖M‖², so fp32 would resolve only ~1e-3).
+All of it runs in float64 (the identity subtracts terms of size ‖M‖², so fp32 would resolve only ~1e-3), except a
+large M on the dense route (``DENSE_FP32_SIZE``), which is formed in float32 and measured directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -27,11 +29,11 @@ F64 = torch.float64
 CORE_RATIO = 0.8
 """QR-core SVD while n ≤ CORE_RATIO·min(d, k); dense SVD of the formed M beyond (aggregation-math.md §c)."""
 
-DENSE_FP32_SIZE = 1 << 22
-"""On the dense route, M with at least this many entries (2048×2048) is decomposed in float32, as a
-straightforward dense implementation does (float64 would make fedlora slower than that baseline); ‖M‖² stays exact
-(float64), so divergences keep their precision and only the Eckart–Young tail and FlexLoRA's factors carry
-float32 rounding there."""
+DENSE_FP32_SIZE = 1 << 16
+"""On the dense route, M with at least this many entries (256×256) is formed and decomposed in float32, as a
+straightforward dense implementation does (float64 would make fedlora up to 2× slower than that baseline). ‖M‖² is then
+accumulated in float64 from the float32 M, and ``module_errors`` measures ‖M − candidate‖ directly on the formed
+matrix instead of by the cancelling identity (A1), so divergences keep a ~1e-6 resolution there."""
 
 
 def weighted_stacks(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,6 +51,7 @@ class SVD:
     S: Tensor
     Vh: Tensor
     total: float | None = None  # ‖M‖_F² when computed apart from S (float32 dense route)
+    formed: Tensor | None = None  # M itself, float32, when the dense route formed it (module_errors reuses it)
 
     def energy(self) -> float:
         """‖M‖_F² = Σ σ_i²."""
@@ -64,20 +67,24 @@ def ideal_svd(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, vecto
 
     QR-core route: B_w = Q_B R_B, Aᵀ = Q_A R_A, M = Q_B (R_B R_Aᵀ) Q_Aᵀ, SVD of the n×n core C = X Σ Yᵀ,
     U = Q_B X, Vh = Yᵀ Q_Aᵀ. Cost O((d+k)n² + n³), no d×k matrix, float64. When n ≳ 0.8·min(d, k) the core is as
-    large as M itself: then M is formed (float64) and decomposed directly.
+    large as M itself: then M is formed and decomposed directly (float64, or float32 from ``DENSE_FP32_SIZE`` entries).
     """
     Bw, A = weighted_stacks(Bs, As, weights)
     d, n = Bw.shape
     k = A.shape[1]
     empty = Bw.new_zeros(0)
-    if n > CORE_RATIO * min(d, k):
-        M = Bw @ A  # (d, k), float64: cheaper than the core here
-        total = float((M * M).sum())
-        X = M.float() if M.numel() >= DENSE_FP32_SIZE else M
+    if n > CORE_RATIO * min(d, k):  # (d, k): cheaper than the core here
+        if d * k < DENSE_FP32_SIZE:
+            M = Bw @ A
+            if not vectors:
+                return SVD(empty, torch.linalg.svdvals(M), empty)
+            return SVD(*torch.linalg.svd(M, full_matrices=False))
+        M32 = Bw.float() @ A.float()
+        total = float(torch.linalg.vector_norm(M32, dtype=F64) ** 2)
         if not vectors:
-            return SVD(empty, torch.linalg.svdvals(X).to(F64), empty, total)
-        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-        return SVD(U.to(F64), S.to(F64), Vh.to(F64), total)
+            return SVD(empty, torch.linalg.svdvals(M32).to(F64), empty, total, M32)
+        U, S, Vh = torch.linalg.svd(M32, full_matrices=False)
+        return SVD(U.to(F64), S.to(F64), Vh.to(F64), total, M32)
     QB, RB = torch.linalg.qr(Bw)  # (d, n), (n, n)
     QA, RA = torch.linalg.qr(A.T)  # (k, n), (n, n)
     if not vectors:
@@ -126,6 +133,11 @@ def candidate_error2(Bw: Tensor, A: Tensor, energy: float, X: Tensor, Y: Tensor)
     return max(quad - 2.0 * cross + energy, 0.0)
 
 
+def _formed_error2(M: Tensor, X: Tensor, Y: Tensor) -> float:
+    """‖XY − M‖_F² on a formed float32 M (the dense route): direct, so no cancellation against ‖M‖²."""
+    return float(torch.linalg.vector_norm(torch.addmm(M, X.float(), Y.float(), alpha=-1.0), dtype=F64) ** 2)
+
+
 def concat(parts: Sequence[LowRank]) -> LowRank:
     """Σ_i X_i Y_i as one factored update [X_1 … X_m][Y_1; …; Y_m]."""
     return LowRank(torch.cat([p.B.to(F64) for p in parts], 1), torch.cat([p.A.to(F64) for p in parts], 0))
@@ -149,16 +161,18 @@ def module_errors(
     svd = ideal_svd(Bs, As, weights, vectors=False)
     energy = svd.energy()
     Bw, A = weighted_stacks(Bs, As, weights)
+    formed = svd.formed
+    error2 = partial(_formed_error2, formed) if formed is not None else partial(candidate_error2, Bw, A, energy)
     if applied:
         cand = concat(applied)
-        err2 = candidate_error2(Bw, A, energy, cand.B, cand.A)
+        err2 = error2(cand.B, cand.A)
     else:
         err2 = energy
     r_max = max(b.shape[1] for b in Bs)
     fw = weights if fedit_weights is None else fedit_weights
     fedit_B = weighted_mean([_pad_cols(b, r_max) for b in Bs], fw)
     fedit_A = weighted_mean([_pad_rows(a, r_max) for a in As], fw)
-    fedit2 = candidate_error2(Bw, A, energy, fedit_B, fedit_A)
+    fedit2 = error2(fedit_B, fedit_A)
     norm = energy**0.5
     if norm == 0.0:
         return ModuleError(0.0, 0.0, 0.0, 0.0)

@@ -223,16 +223,19 @@ def round_record(
     global_on_local: Mapping[int, float],
     seconds: Mapping[str, float],
 ) -> dict[str, Any]:
-    """One line of metrics.jsonl."""
+    """One line of metrics.jsonl. A client missing from ``global_on_local`` (its evaluation failed on a Flower
+    node) has ``null`` in ``clients_global_accuracy`` and is left out of the local-global gap."""
     local = [o.local_accuracy for o in outcomes]
-    glob = [global_on_local[o.contribution.client] for o in outcomes]
+    glob = [global_on_local.get(o.contribution.client) for o in outcomes]
+    both = [(lo, gl) for lo, gl in zip(local, glob, strict=True) if gl is not None]
+    on_local = float(np.mean([gl for _, gl in both])) if both else float("nan")
     return {
         "round": rnd,
         "global_accuracy": global_eval[0],
         "global_loss": global_eval[1],
         "local_accuracy": float(np.mean(local)),
-        "global_accuracy_on_local": float(np.mean(glob)),
-        "local_global_gap": float(np.mean(local) - np.mean(glob)),
+        "global_accuracy_on_local": on_local,
+        "local_global_gap": float(np.mean([lo for lo, _ in both]) - on_local) if both else float("nan"),
         "divergence": report.divergence,
         "eckart_young": report.eckart_young,
         "fedit_divergence": report.fedit,
@@ -432,7 +435,17 @@ def summarize(records: Sequence[Mapping[str, Any]], cfg: cfgmod.ExperimentConfig
         "total_bytes_up": int(sum(r["bytes_up"] for r in records)),
         "total_bytes_down": int(sum(r["bytes_down"] for r in records)),
         "wall_seconds": float(sum(r["seconds"] for r in records)),
+        "missing_clients": missing_clients(records),
     }
+
+
+def missing_clients(records: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """{client: the rounds it was sampled but left out of (it failed, timed out or its node was down)}."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        for c in r.get("failed_clients", {}):
+            out.setdefault(str(c), []).append(int(r["round"]))
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def run(

@@ -20,8 +20,9 @@ Every message also carries the experiment config (record ``fedlora.config``, Flo
 - ``fedlora.base_edits``: every base edit the node received (payload names ``base.<v>.<m>.*``), replayed into a
   freshly built model (in deployment each message may run in a new process); replaying is idempotent by version.
 
-Test-only fault injection: a ``train`` message whose ``fedlora.task`` has ``fail = true`` raises (the server sets
-it for the clients listed in the environment variable ``FEDLORA_FLOWER_FAIL_CLIENTS``, read by the server).
+Test-only fault injection: a ``train`` message whose ``fedlora.task`` has ``fail = "raise"`` raises, one with
+``fail = "hang"`` sleeps past ``federation.round_timeout`` first (the server sets it for the clients listed in the
+environment variable ``FEDLORA_FLOWER_FAIL_CLIENTS``, read by the server).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ CONFIG, TASK = "fedlora.config", "fedlora.task"
 CLIENT_STATE, BASE_EDITS = "fedlora.client_state", "fedlora.base_edits"
 
 app = ClientApp()
+
+HANG_MARGIN = 15.0
+"""Seconds past ``federation.round_timeout`` an injected ``hang`` sleeps (test-only)."""
 
 MAX_EXPERIMENTS = 4
 """Experiments (model + one partition) a process keeps; an evicted node's model is rebuilt from its state."""
@@ -99,8 +103,11 @@ def train(msg: Message, context: Context) -> Message:
     from fedlora import peft_io, runner
 
     exp, c, rnd = _experiment(msg, context)
-    if bool(msg.content.config_records[TASK].get("fail", False)):
+    fail = str(msg.content.config_records[TASK].get("fail", ""))
+    if fail == "raise":
         raise RuntimeError(f"client {c}, round {rnd}: injected failure (FEDLORA_FLOWER_FAIL_CLIENTS, test-only)")
+    if fail == "hang":  # answers only after the server stopped waiting for this round
+        time.sleep(exp.cfg.federation.round_timeout + HANG_MARGIN)
     download = records.record_payload(msg.content)
     stored = context.state.config_records.get(CLIENT_STATE)
     client_state = pickle.loads(stored["state"]) if stored is not None else exp.method.init_client(exp.client_info(c))

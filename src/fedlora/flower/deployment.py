@@ -11,7 +11,10 @@ config. Flower runs with the current virtual environment (``FLWR_DISABLE_RUNTIME
 
 Every process this module starts is its own session leader; on exit, failure or Ctrl-C each is stopped by PID
 (its process group: SIGTERM, then SIGKILL after ``STOP_TIMEOUT``), which also ends the ``flower-superexec`` and
-``flwr-clientapp`` children Flower spawned under it. Every wait has a timeout. Logs are kept in
+``flwr-clientapp`` children Flower spawned under it. Every wait has a timeout: SuperNodes give up reaching the
+SuperLink after ``START_TIMEOUT`` (``--max-wait-time``), the run fails early once every SuperNode has exited, and a
+SuperNode that dies mid-run only leaves its client out of the remaining rounds (recorded in ``failed_clients`` and
+the summary's ``missing_clients``). Logs and ``pids.json`` (name → PID of every started process) are kept in
 ``<run_dir>/flower/``. Multi-host deployments with TLS and node authentication: docs/deployment.md.
 """
 
@@ -38,6 +41,8 @@ from fedlora.flower import records
 STOP_TIMEOUT = 10.0
 START_TIMEOUT = 120.0
 HOST = "127.0.0.1"
+PIDS = "pids.json"
+"""{process name: PID} of every process a deployment started, in ``<run_dir>/flower/`` while it runs."""
 
 
 def free_ports(n: int, host: str = HOST) -> list[int]:
@@ -64,16 +69,28 @@ class Processes:
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         self.log_dir, self.env = log_dir, env
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: list[str] = []
         self.logs: list[IO[bytes]] = []
 
     def start(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own session, log to ``<log_dir>/<name>.log``, record its PID in pids.json."""
         log = (self.log_dir / f"{name}.log").open("wb")
         self.logs.append(log)
         proc = subprocess.Popen(
             list(argv), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd, start_new_session=True
         )
         self.procs.append(proc)
+        self.names.append(name)
+        (self.log_dir / PIDS).write_text(json.dumps(dict(zip(self.names, self.pids, strict=True)), indent=2))
         return proc
+
+    def exited(self, prefix: str) -> dict[str, int]:
+        """{name: exit code} of the started processes whose name starts with ``prefix`` and that have exited."""
+        return {
+            n: p.returncode
+            for n, p in zip(self.names, self.procs, strict=True)
+            if n.startswith(prefix) and p.poll() is not None
+        }
 
     @property
     def pids(self) -> list[int]:
@@ -115,6 +132,41 @@ def _tail(path: Path, n: int = 30) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     return ""
+
+
+def supernode_argv(bin_dir: Path, superlink: str, port: int, client: int, num_clients: int) -> list[str]:
+    """One client's SuperNode: insecure on loopback, its partition in the node config, bounded reconnecting."""
+    return [
+        str(bin_dir / "flower-supernode"),
+        "--insecure",
+        "--superlink",
+        superlink,
+        "--port",
+        str(port),
+        "--node-config",
+        f"partition-id={client} num-partitions={num_clients}",
+        "--max-wait-time",  # a node that cannot reach the SuperLink gives up instead of retrying forever
+        str(START_TIMEOUT),
+    ]
+
+
+def _wait_run(run: subprocess.Popen[bytes], procs: Processes, n: int, timeout: float, log_dir: Path) -> int:
+    """Wait for ``flwr run``; fail early when every SuperNode has exited (none can serve the run any more).
+    Some SuperNodes exiting is tolerated: the ServerApp leaves their clients out and records them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return run.wait(1.0)
+        gone = procs.exited("supernode-")
+        if len(gone) == n:
+            tails = "".join(
+                f"\n{name} (exit code {rc}):\n{_tail(log_dir / f'{name}.log', 8)}" for name, rc in gone.items()
+            )
+            raise RuntimeError(f"flower-deployment: every SuperNode exited before the run finished{tails}")
+    raise RuntimeError(
+        f"flower-deployment: the run did not finish within {timeout:.0f} s "
+        "(rounds × 3 × federation.round_timeout + start-up)"
+    )
 
 
 def app_pyproject(cfg: cfgmod.ExperimentConfig) -> str:
@@ -207,34 +259,20 @@ def run_deployment(cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool = F
             )
             _wait_healthy(link_port, link, log_dir / "superlink.log")
             for c, port in enumerate(node_ports):
-                procs.start(
-                    f"supernode-{c}",
-                    [
-                        str(bin_dir / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"{HOST}:{link_port}",
-                        "--port",
-                        str(port),
-                        "--node-config",
-                        f"partition-id={c} num-partitions={n}",
-                    ],
-                )
+                procs.start(f"supernode-{c}", supernode_argv(bin_dir, f"{HOST}:{link_port}", port, c, n))
             runner_proc = procs.start(
                 "flwr-run", [str(bin_dir / "flwr"), "run", str(app_dir), "deploy", "--stream"], cwd=app_dir
             )
-            try:
-                code = runner_proc.wait(deadline)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(
-                    f"flower-deployment: the run did not finish within {deadline:.0f} s "
-                    "(rounds × 3 × federation.round_timeout + start-up)"
-                ) from None
+            code = _wait_run(runner_proc, procs, n, deadline, log_dir)
         summary_path = run_dir / "summary.json"
         if code != 0 or not summary_path.exists():
+            nodes = "".join(
+                f"\n{name} exited with code {rc}:\n{_tail(log_dir / f'{name}.log', 8)}"
+                for name, rc in procs.exited("supernode-").items()
+            )
             raise RuntimeError(
                 f"flower-deployment: `flwr run` exited with code {code} and no {summary_path} was written; logs in "
-                f"{log_dir}:\n{_tail(log_dir / 'flwr-run.log')}"
+                f"{log_dir}:\n{_tail(log_dir / 'flwr-run.log')}{nodes}"
             )
         return json.loads(summary_path.read_text())
     finally:

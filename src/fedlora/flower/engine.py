@@ -24,10 +24,33 @@ FLOWER_ENV = {
 }
 
 
+MIN_FLOWER = (1, 41)
+"""The oldest Flower release fedlora's engines are tested with (Message API: ``flwr.app``, ``flwr.serverapp.Grid``,
+``flwr.clientapp.ClientApp`` with ``query`` / ``train`` / ``evaluate`` handlers, SuperNode ``--max-wait-time``)."""
+
+
+def require_flower() -> None:
+    """A clear error, before anything starts, when Flower is missing or older than ``MIN_FLOWER``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    wanted = ".".join(map(str, MIN_FLOWER))
+    try:
+        found = version("flwr")
+    except PackageNotFoundError:
+        raise RuntimeError(f"the Flower engines need flwr>={wanted}: install fedlora[flower]") from None
+    parts = tuple(int(x) for x in found.split(".")[:2] if x.isdigit())
+    if parts < MIN_FLOWER:
+        raise RuntimeError(
+            f"flwr {found} is installed; the Flower engines need flwr>={wanted} (the Message API of flwr.app and "
+            f"flwr.serverapp.Grid): pip install 'flwr[simulation]>={wanted}' (or fedlora[flower])"
+        )
+
+
 def run(
     cfg: cfgmod.ExperimentConfig, run_dir: Path | None = None, resume: bool = False, progress: Any | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) ``cfg`` on the Flower engine it names; the same run directory as ``runner.run``."""
+    require_flower()
     if getattr(methods.build(cfg.federation.method, cfg.method), "evaluation_model", None) is not None:
         raise ValueError(
             f"federation.method = {cfg.federation.method!r} evaluates its global model from what stays on the "

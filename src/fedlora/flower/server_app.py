@@ -7,7 +7,9 @@ metrics record) with a trainer and an evaluator that talk to the nodes:
   rnd)`` (per-client downloads, e.g. FlexLoRA's truncation); replies become ``ClientOutcome`` s. A client whose
   reply is an error, or that does not answer within ``federation.round_timeout``, is left out of the round.
 - evaluate: the global model on the server's held-out test set (as ``runner._evaluate_global``), and one
-  ``evaluate`` message per participating client for the global model's accuracy on its own test split.
+  ``evaluate`` message per participating client for the global model's accuracy on its own test split. A node
+  that trained but does not answer it (it went down in between) is recorded under ``flower_failed_evaluation``
+  and left out of that round's global-on-local accuracy; the round goes on.
 
 Beside the payload accounting (``bytes_up`` / ``bytes_down``), each metrics line records the bytes of the actual
 Flower train messages and replies of the clients that answered (see ``FlowerRound.metrics``): full encoding
@@ -43,7 +45,19 @@ from fedlora.training import evaluate
 from fedlora.types import Contribution, Payload
 
 FAIL_ENV = "FEDLORA_FLOWER_FAIL_CLIENTS"
-"""Test-only: comma-separated client ids whose ``train`` messages ask the node to raise."""
+"""Test-only fault injection: comma-separated ``<client>`` (the node raises on ``train``) or ``<client>:hang``
+(the node sleeps past ``federation.round_timeout`` before training)."""
+
+
+def injected_failures() -> dict[int, str]:
+    """{client: "raise" | "hang"} from ``FEDLORA_FLOWER_FAIL_CLIENTS`` (test-only)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in os.environ.get(FAIL_ENV, "").split(","))):
+        client, _, mode = item.partition(":")
+        if mode not in ("", "hang"):
+            raise ValueError(f"{FAIL_ENV}: {item!r}: expected '<client>' or '<client>:hang'")
+        out[int(client)] = mode or "raise"
+    return out
 
 
 class Nodes:
@@ -87,6 +101,7 @@ class FlowerRound:
         self.bytes = {f"{way}{part}": 0 for way in ("down", "up") for part in ("", "_unique", "_overhead", "_payload")}
         self.bytes["messages"] = 0
         self.base_version: dict[int, int] = {}
+        self.failed_evaluation: dict[int, str] = {}
 
     def _message(self, exp: runner.Experiment, kind: str, c: int, rnd: int, payload: Payload, **task: Any) -> Message:
         content = RecordDict(
@@ -112,9 +127,9 @@ class FlowerRound:
         self, exp: runner.Experiment, state: runner.RunState, rnd: int
     ) -> tuple[list[runner.ClientOutcome], dict[int, str]]:
         sampled = runner.sample_clients(exp, rnd)
-        failing = {int(x) for x in os.environ.get(FAIL_ENV, "").split(",") if x.strip()}
+        failing = injected_failures()
         downloads = {c: exp.method.broadcast(state.server, exp.client_info(c), rnd) for c in sampled}
-        messages = {c: self._message(exp, "train", c, rnd, downloads[c], fail=c in failing) for c in sampled}
+        messages = {c: self._message(exp, "train", c, rnd, downloads[c], fail=failing.get(c, "")) for c in sampled}
         outcomes, failed = [], {}
         for c, reply in sorted(self._exchange(exp, messages).items()):
             if self.progress is not None:
@@ -158,8 +173,9 @@ class FlowerRound:
             messages[c] = self._message(exp, "evaluate", c, rnd, payload)
         on_local = {}
         for c, reply in self._exchange(exp, messages).items():
-            if isinstance(reply, str):
-                raise RuntimeError(f"round {rnd}: evaluating the global model on client {c} failed: {reply}")
+            if isinstance(reply, str):  # e.g. the node went down after training: recorded, the round goes on
+                self.failed_evaluation[c] = reply
+                continue
             on_local[c] = float(reply.content.metric_records["metrics"]["accuracy"])
         return global_eval, on_local
 
@@ -178,6 +194,7 @@ class FlowerRound:
             "flower_messages": b["messages"],
             "flower_overhead_down": b["down_overhead"] / n,
             "flower_overhead_up": b["up_overhead"] / n,
+            "flower_failed_evaluation": {str(c): reason for c, reason in sorted(self.failed_evaluation.items())},
         }
 
 

@@ -315,7 +315,9 @@ class PFedLoRU(FedLoRU):
         return rank - r_p
 
     def broadcast(self, state: LowRankUpdateState, client: ClientInfo, rnd: int) -> Payload:
-        return self._factor_method().broadcast(state, ClientInfo(client.id, self._global_rank(client.rank)), rnd)
+        """The global pair at the global rank, and the run seed (meta ``seed``) for the personal pair's init."""
+        payload = self._factor_method().broadcast(state, ClientInfo(client.id, self._global_rank(client.rank)), rnd)
+        return Payload(payload.tensors, {**payload.meta, "seed": state.seed})
 
     def init_client(self, client: ClientInfo) -> PersonalState:
         return PersonalState()
@@ -332,7 +334,8 @@ class PFedLoRU(FedLoRU):
                 raise ValueError(f"client {client.id}: module {m!r} global pair has rank {lr.rank}, expected {r_g}")
         personal = client_state.personal
         if personal is None:
-            personal = fresh_adapter(_specs(shared), r_p, derive_seed(client.id, _PERSONAL_STREAM))
+            seed = int(download.meta.get("seed", 0))  # the run seed: another seed gives other personal inits
+            personal = fresh_adapter(_specs(shared), r_p, derive_seed(seed, client.id, _PERSONAL_STREAM))
         adapter = {
             m: LowRank(torch.cat([lr.B, personal[m].B.to(lr.B.dtype)], 1), torch.cat([lr.A, personal[m].A], 0))
             for m, lr in shared.items()
