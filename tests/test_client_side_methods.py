@@ -313,6 +313,19 @@ def test_fedsa_refuses_uploads_with_local_parts():
         )
 
 
+def test_fedsa_evaluation_report_round_trips_the_client_state_without_A():
+    method, server = start("fedsa_lora")
+    states = {}
+    play(method, server, states, 1, W3)
+    for c, state in states.items():
+        report = method.evaluation_report(state)
+        assert not any(name.endswith(".A") for name in report.tensors)
+        back = method.from_evaluation_report(report)
+        assert set(back.B) == set(state.B) and all(torch.equal(back.B[m], state.B[m]) for m in state.B), c
+        assert set(back.extras) == set(state.extras or {})
+        assert all(torch.equal(back.extras[n], state.extras[n]) for n in back.extras), c
+
+
 def test_runner_uses_the_evaluation_model_only_when_the_method_defines_it():
     from types import SimpleNamespace
 

@@ -157,10 +157,12 @@ def assert_close_records(a: dict, b: dict, path: str = "") -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_simulation_matches_the_in_process_runner(rt_csv, tmp_path):
+@pytest.mark.parametrize("method", ["flora_na", "fedsa_lora"])
+def test_simulation_matches_the_in_process_runner(rt_csv, tmp_path, method):
+    """FLoRA-NA, and FedSA-LoRA, whose evaluation-only global model needs the nodes' own B (evaluation report)."""
     before = descendants()
-    ref_dir, ref_summary = runner.run(tiny(rt_csv, tmp_path / "ref", "federation.method=flora_na"), tmp_path / "ref")
-    sim_cfg = tiny(rt_csv, tmp_path / "sim", "federation.method=flora_na", "federation.engine=flower-simulation")
+    ref_dir, ref_summary = runner.run(tiny(rt_csv, tmp_path / "ref", f"federation.method={method}"), tmp_path / "ref")
+    sim_cfg = tiny(rt_csv, tmp_path / "sim", f"federation.method={method}", "federation.engine=flower-simulation")
     sim_dir, sim_summary = runner.run(sim_cfg, tmp_path / "sim")
     assert config.load_config(sim_dir / "config.toml") == sim_cfg
     ref, sim = lines(ref_dir), lines(sim_dir)
@@ -176,6 +178,7 @@ def test_simulation_matches_the_in_process_runner(rt_csv, tmp_path):
             assert s[f"bytes_{way}"] <= framing <= 1.05 * s[f"bytes_{way}"], way
             assert 0 < s[f"flower_overhead_{way}"] < 20_000
         assert s["flower_bytes_up_unique"] <= s["flower_bytes_up"]
+        assert (s["flower_bytes_report"] > 0) == (method == "fedsa_lora")  # FedSA's nodes report their own B
     # round 1 downloads carry all-zero B factors, which Flower's object store sends once
     assert sim[0]["flower_bytes_down_unique"] < 0.7 * sim[0]["flower_bytes_down"]
     assert_close_records(

@@ -7,7 +7,8 @@ Message types (``group_id`` is the round):
 - ``train``: the client's download (records ``arrays`` + ``meta``, see :mod:`fedlora.flower.records`) →
   ``runner.train_one`` (the method's ``prepare`` → the shared training loop → local evaluation → ``upload``) →
   reply with the upload and the metrics (``num-examples``, ``local-accuracy``, ``train-loss``, timings,
-  ``base-version``).
+  ``base-version``), plus the method's ``evaluation_report`` of the new client state when it has one
+  (record ``fedlora.report``: what the server needs for ``evaluation_model``, e.g. FedSA-LoRA's own B).
 - ``evaluate``: the exported global model (adapter, head, the base edits the node has not applied) → accuracy of
   the global model on the node's own test split, as the in-process runner measures it (``runner.load_global``).
 
@@ -125,6 +126,9 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict({**records.payload_records(outcome.contribution.payload), "metrics": metrics})
+    report = getattr(exp.method, "evaluation_report", None)  # e.g. FedSA-LoRA's own B and head, for evaluation
+    if report is not None:
+        content[records.REPORT] = records.report_record(report(outcome.client_state))
     return Message(content, reply_to=msg)
 
 

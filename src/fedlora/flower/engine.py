@@ -51,11 +51,12 @@ def run(
 ) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) ``cfg`` on the Flower engine it names; the same run directory as ``runner.run``."""
     require_flower()
-    if getattr(methods.build(cfg.federation.method, cfg.method), "evaluation_model", None) is not None:
+    method = methods.build(cfg.federation.method, cfg.method)
+    if hasattr(method, "evaluation_model") and not hasattr(method, "evaluation_report"):
         raise ValueError(
             f"federation.method = {cfg.federation.method!r} evaluates its global model from what stays on the "
-            f"clients (runner.global_model); on federation.engine = {cfg.federation.engine!r} the nodes would have to "
-            "report it, which is not built yet: use federation.engine = 'inprocess'"
+            f"clients (runner.global_model) but defines no evaluation_report for the nodes to send it on "
+            f"federation.engine = {cfg.federation.engine!r}: use federation.engine = 'inprocess'"
         )
     run_dir = (run_dir or runner.default_run_dir(cfg)).resolve()
     if not resume:

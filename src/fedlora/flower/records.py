@@ -20,7 +20,7 @@ from fedlora.methods.base import GlobalModel
 from fedlora.payload import pack_adapter, pack_base_edits, pack_extras
 from fedlora.types import Payload
 
-ARRAYS, META = "arrays", "meta"
+ARRAYS, META, REPORT = "arrays", "meta", "fedlora.report"
 
 
 def run_config(cfg: cfgmod.ExperimentConfig) -> dict[str, bool | int | float | str]:
@@ -49,6 +49,17 @@ def record_payload(content: RecordDict) -> Payload:
     tensors: dict[str, torch.Tensor] = dict(arrays.to_torch_state_dict()) if arrays is not None and len(arrays) else {}
     meta = content.config_records.get(META)
     return Payload(tensors, dict(meta) if meta is not None else {})
+
+
+def report_record(report: Payload) -> ArrayRecord:
+    """A node's evaluation report (``method.evaluation_report``) as the ``fedlora.report`` record of its reply."""
+    return ArrayRecord(torch_state_dict={name: t.detach().contiguous() for name, t in report.tensors.items()})
+
+
+def record_report(content: RecordDict) -> Payload | None:
+    """The evaluation report a reply carries, or None."""
+    arrays = content.array_records.get(REPORT)
+    return None if arrays is None else Payload(dict(arrays.to_torch_state_dict()))
 
 
 def message_nbytes(obj: Any, unique: bool = False) -> int:

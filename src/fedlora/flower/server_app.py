@@ -17,9 +17,10 @@ Flower train messages and replies of the clients that answered (see ``FlowerRoun
 and the mean per-message overhead each way (``flower_overhead_down`` / ``flower_overhead_up``: the message
 without its payload tensors, which includes the experiment config every message carries).
 
-The method's client state lives on the nodes (``context.state``); the server's ``RunState.clients`` stays empty
-(None per client), so a resumed run restarts client states from ``method.init_client`` (the methods registered
-so far keep no client state).
+The method's client state lives on the nodes (``context.state``); the server's ``RunState.clients`` holds None
+per client, or, for a method with an evaluation-only global model (``evaluation_model``, FedSA-LoRA), the state
+rebuilt from the node's ``evaluation_report`` (``method.from_evaluation_report``). Those report bytes are counted
+apart (``flower_bytes_report``), not as uplink: they are never aggregated nor sent to a client.
 
 In deployment the ServerApp reads the experiment from Flower's run config (``flwr run --run-config``,
 :func:`fedlora.flower.records.run_config`); in simulation :func:`fedlora.flower.engine.run_simulation` builds it
@@ -99,7 +100,7 @@ class FlowerRound:
     def __init__(self, grid: Grid, nodes: Nodes, progress: Any | None = None) -> None:
         self.grid, self.nodes, self.progress = grid, nodes, progress
         self.bytes = {f"{way}{part}": 0 for way in ("down", "up") for part in ("", "_unique", "_overhead", "_payload")}
-        self.bytes["messages"] = 0
+        self.bytes["messages"] = self.bytes["report"] = 0
         self.base_version: dict[int, int] = {}
         self.failed_evaluation: dict[int, str] = {}
 
@@ -139,6 +140,9 @@ class FlowerRound:
                 continue
             m = reply.content.metric_records["metrics"]
             upload = records.record_payload(reply.content)
+            report = records.record_report(reply.content)
+            report_bytes = records.message_nbytes(reply.content.array_records[records.REPORT]) if report else 0
+            self.bytes["report"] += report_bytes
             self.base_version[c] = int(m["base-version"])
             outcomes.append(
                 runner.ClientOutcome(
@@ -148,13 +152,16 @@ class FlowerRound:
                     downloads[c].nbytes,
                     float(m["train-seconds"]),
                     float(m["eval-seconds"]),
-                    None,  # the client state stays on the node
+                    None if report is None else exp.method.from_evaluation_report(report),  # type: ignore[attr-defined]
                 )
             )
-            for way, msg, payload in (("down", messages[c], downloads[c]), ("up", reply, upload)):
-                self.bytes[way] += records.message_nbytes(msg)
-                self.bytes[f"{way}_unique"] += records.message_nbytes(msg, unique=True)
-                self.bytes[f"{way}_overhead"] += records.message_overhead(msg)
+            for way, msg, payload, extra in (
+                ("down", messages[c], downloads[c], 0),
+                ("up", reply, upload, report_bytes),
+            ):
+                self.bytes[way] += records.message_nbytes(msg) - extra
+                self.bytes[f"{way}_unique"] += records.message_nbytes(msg, unique=True) - extra
+                self.bytes[f"{way}_overhead"] += records.message_overhead(msg) - extra
                 self.bytes[f"{way}_payload"] += payload.nbytes
             self.bytes["messages"] += 1
         return outcomes, failed
@@ -194,6 +201,7 @@ class FlowerRound:
             "flower_messages": b["messages"],
             "flower_overhead_down": b["down_overhead"] / n,
             "flower_overhead_up": b["up_overhead"] / n,
+            "flower_bytes_report": b["report"],
             "flower_failed_evaluation": {str(c): reason for c, reason in sorted(self.failed_evaluation.items())},
         }
 

@@ -15,8 +15,9 @@ fedlora's reading where the paper is silent:
 - The global model, for evaluation only: Ā with the weighted mean of the last round's clients' B̃_u and heads,
   B̄ = Σ_u w_u B̃_u (``evaluation_model``; the server never sends it). Its divergence from the ideal update
   Σ_u w_u B̃_u A_u (with each client's trained A_u) is reported as the method's divergence; it equals FedIT's,
-  since B̄Ā is FedIT's aggregate of those factors. The in-process runner has the client states; on Flower they
-  will come from the nodes' reported state. ``export`` alone (no client states) gives Ā with B = 0.
+  since B̄Ā is FedIT's aggregate of those factors. The in-process runner has the client states; on Flower each
+  node reports its B̃ and head after training (``evaluation_report``, evaluation-only traffic counted apart as
+  ``flower_bytes_report``). ``export`` alone (no client states) gives Ā with B = 0.
 - ``exact`` is declared False: there is no global update to be exact about, only the evaluation model above.
 """
 
@@ -153,7 +154,17 @@ class FedSALoRA:
         extras = average_extras([cs.extras or {} for cs in states], w) or {}
         return GlobalModel(adapter, extras, ()), errors
 
+    def from_evaluation_report(self, report: Payload) -> FedSAClient:
+        """A Flower node's ``evaluation_report`` back as the client state ``evaluation_model`` reads."""
+        return FedSAClient(unpack_factors(report.tensors, "B"), unpack_extras(report.tensors))
+
     # ---- client ---------------------------------------------------------------------------------------------
+    def evaluation_report(self, client_state: FedSAClient) -> Payload:
+        """On Flower, where client states stay on the nodes: what a node reports after training so the server can
+        build ``evaluation_model`` (its B̃ and head). For evaluation only: never aggregated, never sent to any
+        client, and counted apart from the method's communication (``flower_bytes_report``)."""
+        return Payload(pack_factor(dict(client_state.B or {}), "B") | pack_extras(client_state.extras or {}))
+
     def init_client(self, client: ClientInfo) -> FedSAClient:
         return FedSAClient()
 
