@@ -2,9 +2,10 @@
 
     .venv/bin/python scripts/collect_evidence.py [runs/evidence]
 
-One table per (dataset, alpha, seed) cell, a mean ± std table over the seeds of each cell that has several, and
-the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u with ρ_u = ‖B̃_u‖_F / ‖A_u‖_F (1 means
-every client has the same LoRA gauge; FLoRA-NA can only beat FedIT by much when this spread is large).
+One table per (dataset, alpha, seed) cell (its finished runs, if the grid is still running), a mean ± std table
+over the seeds of each cell that has several, and the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
+with ρ_u = ‖B̃_u‖_F / ‖A_u‖_F (1 means every client has the same LoRA gauge; FLoRA-NA can only beat FedIT by much
+when this spread is large).
 """
 
 from __future__ import annotations
@@ -49,11 +50,20 @@ def balance_spread(run: Path) -> tuple[float, float]:
     return (statistics.median(spreads), max(spreads)) if spreads else (float("nan"), float("nan"))
 
 
+def finished_runs(cell: Path) -> dict[str, dict]:
+    """{method: summary} of the runs of one cell that finished (summary.json), in the comparison's order when the
+    cell finished (comparison.json), else by name: a partly run grid is reported as far as it got."""
+    if (cell / "comparison.json").exists():
+        return json.loads((cell / "comparison.json").read_text())
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(cell.glob("*/summary.json"))}
+
+
 def main(root: Path) -> None:
-    cells = sorted(p for p in root.iterdir() if (p / "comparison.json").exists())
     by_setting: dict[str, list[dict]] = defaultdict(list)
-    for cell in cells:
-        summaries = json.loads((cell / "comparison.json").read_text())
+    for cell in sorted(p for p in root.iterdir() if p.is_dir()):
+        summaries = finished_runs(cell)
+        if not summaries:
+            continue
         print(f"### {cell.name}\n")
         print(markdown_table(summaries))
         spreads = {m: balance_spread(cell / m) for m in summaries}
@@ -70,8 +80,9 @@ def main(root: Path) -> None:
         print("| method | " + " | ".join(t for _, t, _ in COLUMNS) + " |")
         print("|---" * (len(COLUMNS) + 1) + "|")
         for m in seeds[0]:
-            vals = [_fmt([s[m][k] for s in seeds], f) for k, _, f in COLUMNS]
-            print(f"| {m} | " + " | ".join(vals) + " |")
+            runs = [s[m] for s in seeds if m in s]
+            vals = [_fmt([r[k] for r in runs], f) for k, _, f in COLUMNS]
+            print(f"| {m} ({len(runs)} seeds) | " + " | ".join(vals) + " |")
         print()
 
 

@@ -99,7 +99,8 @@ def test_a_failing_client_is_left_out_and_recorded(rt_csv, tmp_path, monkeypatch
 
 
 @pytest.mark.timeout(600)
-def test_worker_processes_give_the_same_results_as_the_main_process(rt_csv, tmp_path):
+def test_worker_processes_give_the_same_results_as_the_main_process(rt_csv, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "EVAL_CHUNK", 16)  # the global test set evaluated in several tasks on the pool
     seq, _ = runner.run(tiny(rt_csv, tmp_path / "seq", "federation.method=fedex_lora"), tmp_path / "seq")
     par_cfg = config.with_overrides(
         tiny(rt_csv, tmp_path / "par", "federation.method=fedex_lora"), ["federation.workers=2"]

@@ -170,6 +170,11 @@ def train_one(exp: Experiment, download: Payload, client_state: Any, c: int, rnd
     )
 
 
+EVAL_CHUNK = 256
+"""Examples of the global test set per evaluation task on the worker pool (tasks go to whichever worker is
+free, largest first, so the workers finish together)."""
+
+
 def eval_set(exp: Experiment, target: tuple[Any, ...]) -> Encoded:
     """("test", start, stop): a slice of the global test set; ("client", c): client c's own test split."""
     if target[0] == "test":
@@ -294,16 +299,16 @@ def _evaluate_global(
         load_global(exp, exported)
         return evaluate(exp.model, exp.test), {c: evaluate(exp.model, exp.clients[c].test)[0] for c in clients}
     n = int(exp.test["labels"].shape[0])
-    half = n // 2
-    targets = [("test", 0, half), ("test", half, n), *[("client", c) for c in clients]]
-    per_worker = [tuple(targets[i :: len(pool.conns)]) for i in range(len(pool.conns))]
-    tasks = [EvalTask(exported.adapter, exported.extras, t) for t in per_worker if t]
+    chunks = [("test", i, min(i + EVAL_CHUNK, n)) for i in range(0, n, EVAL_CHUNK)]
+    targets = [*chunks, *[("client", c) for c in clients]]
+    targets.sort(key=lambda t: -int(eval_set(exp, t)["attention_mask"].sum()))  # largest first: balanced workers
+    tasks = [EvalTask(exported.adapter, exported.extras, (t,)) for t in targets]
     sums: dict[tuple[Any, ...], tuple[int, float, int]] = {}
     for status, value in pool.map(tasks, exported.base_edits):
         if status != "ok":
             raise RuntimeError(f"evaluation failed in a worker process: {value}")
         sums |= value
-    test = tuple(map(sum, zip(sums[("test", 0, half)], sums[("test", half, n)], strict=True)))
+    test = tuple(map(sum, zip(*(sums[t] for t in chunks), strict=True)))
     return accuracy_loss(test), {c: accuracy_loss(sums[("client", c)])[0] for c in clients}  # type: ignore[arg-type]
 
 
