@@ -1,12 +1,15 @@
-"""Shared test setup: offline hub, one torch thread, and helpers that build client updates from raw LoRA factors."""
+"""Shared test setup: offline hub, one torch thread, helpers that build client updates from raw LoRA factors,
+the real-data sample ``rt_csv`` with a tiny run config on it, and tiny BERT / GPT-2 models."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -84,3 +87,38 @@ def rt_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     frame = pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]})
     frame.to_csv(path, index=False)
     return path
+
+
+def tiny_config(rt_csv: Path, out: Path, *extra: str) -> Any:
+    """2 clients × 2 rounds × 2 local steps of batch 8 on the ``rt_csv`` sample and the packaged MiniLM, in the main
+    process (``federation.workers = 0``), run directory ``out``; ``extra`` overrides come last and win."""
+    from fedlora import config
+
+    base = [f"data.dataset={rt_csv}", "data.num_clients=2", "data.max_length=32", "federation.rounds=2"]
+    base += ["train.local_steps=2", "train.batch_size=8", f"output.dir={out}", "federation.workers=0"]
+    return config.load_config(None, [*base, *extra])
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl, one dict per round."""
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_bert() -> Any:
+    """A seeded 2-layer BERT sequence classifier (hidden 32, 3 labels), in eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=100, num_labels=3
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2() -> Any:
+    """A seeded 2-layer GPT-2 LM (Conv1D layers, (in, out) weight layout), in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()

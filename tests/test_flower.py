@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import read_records, tiny_config
 from fedlora import config, runner
 from fedlora.types import Payload
 
@@ -85,41 +86,8 @@ def test_message_bytes_track_the_payload_and_count_identical_arrays_once_when_un
 # ---- the simulation engine ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rt_csv(tmp_path_factory) -> Path:
-    import pandas as pd
-
-    from fedlora.data import load_dataset
-
-    ds = load_dataset("fedlora:rotten-tomatoes")
-    idx = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(0))[:240].tolist()
-    path = tmp_path_factory.mktemp("data") / "rt_sample.csv"
-    pd.DataFrame({"text": [ds.texts[i] for i in idx], "label": [ds.label_names[ds.labels[i]] for i in idx]}).to_csv(
-        path, index=False
-    )
-    return path
-
-
 def tiny(rt_csv: Path, out: Path, *extra: str) -> config.ExperimentConfig:
-    return config.load_config(
-        None,
-        [
-            f"data.dataset={rt_csv}",
-            "data.num_clients=2",
-            "data.max_length=32",
-            "federation.rounds=2",
-            "train.local_steps=2",
-            "train.batch_size=8",
-            f"output.dir={out}",
-            "federation.workers=0",
-            "federation.round_timeout=300",
-            *extra,
-        ],
-    )
-
-
-def lines(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return tiny_config(rt_csv, out, "federation.round_timeout=300", *extra)
 
 
 def descendants() -> set[int]:
@@ -127,7 +95,7 @@ def descendants() -> set[int]:
     ps = subprocess.Popen(["ps", "-eo", "pid=,ppid=,stat="], stdout=subprocess.PIPE, text=True)
     out, _ = ps.communicate(timeout=30)
     children: dict[int, list[int]] = {}
-    for line in out.splitlines():
+    for line in out.splitread_records():
         pid, ppid, stat = line.split()
         if not stat.startswith("Z") and int(pid) != ps.pid:  # neither exited-but-unreaped nor this ps
             children.setdefault(int(ppid), []).append(int(pid))
@@ -165,7 +133,7 @@ def test_simulation_matches_the_in_process_runner(rt_csv, tmp_path, method):
     sim_cfg = tiny(rt_csv, tmp_path / "sim", f"federation.method={method}", "federation.engine=flower-simulation")
     sim_dir, sim_summary = runner.run(sim_cfg, tmp_path / "sim")
     assert config.load_config(sim_dir / "config.toml") == sim_cfg
-    ref, sim = lines(ref_dir), lines(sim_dir)
+    ref, sim = read_records(ref_dir), read_records(sim_dir)
     for r, s in zip(ref, sim, strict=True):
         flower_keys = {k for k in s if k.startswith("flower_")}
         assert set(s) - flower_keys == set(r)  # the same keys, plus the Flower message accounting
@@ -206,7 +174,7 @@ def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path
     cfg = config.with_overrides(cfg, ["federation.rounds=1", "data.num_clients=3", "federation.round_timeout=60"])
     started = time.monotonic()
     run_dir, summary = runner.run(cfg, tmp_path / "run")
-    (record,) = lines(run_dir)
+    (record,) = read_records(run_dir)
     assert record["clients"] == [0] and record["flower_messages"] == 1
     assert "injected failure" in record["failed_clients"]["1"]
     assert "no reply within federation.round_timeout = 60" in record["failed_clients"]["2"]
@@ -261,7 +229,7 @@ def _kill_node_after_round(run_dir: Path, name: str, rnd: int, killed: list[int]
     deadline = time.monotonic() + 1200
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= rnd:
+        if metrics.exists() and len(metrics.read_text().splitread_records()) >= rnd:
             pid = json.loads((run_dir / "flower" / "pids.json").read_text())[name]
             os.killpg(pid, signal.SIGKILL)
             killed.append(pid)
@@ -295,7 +263,7 @@ def test_deployment_survives_a_killed_supernode_and_stops_every_process(rt_csv, 
     run_dir, summary = runner.run(cfg, tmp_path / "run")
     killer.join(5)
     assert killed, "the SuperNode was never killed"
-    first, second = lines(run_dir)
+    first, second = read_records(run_dir)
     assert first["clients"] == [0, 1, 2] and first["failed_clients"] == {}
     assert second["clients"] == [0, 1] and set(second["failed_clients"]) == {"2"}
     assert summary["rounds"] == 2 and summary["missing_clients"] == {"2": [2]}
@@ -347,7 +315,7 @@ def _assert_all_gone(started: list[int]) -> None:
 def _in_groups(pgids: list[int]) -> list[int]:
     """Live processes in the process groups of ``pgids`` (each started process leads its own group)."""
     out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True, timeout=30).stdout
-    rows = [line.split() for line in out.splitlines()]
+    rows = [line.split() for line in out.splitread_records()]
     return [int(pid) for pid, pgid, stat in rows if int(pgid) in pgids and not stat.startswith("Z")]
 
 

@@ -7,13 +7,12 @@ test's own SVDs and closed forms; never from the code under test.
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import RawClient, ideal, make_clients
+from conftest import RawClient, ideal, make_clients, read_records, tiny_config
 from fedlora import config, methods, peft_io, runner
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.payload import pack_adapter, unpack_adapter, unpack_base_edits
@@ -499,23 +498,9 @@ def test_inputs_and_server_state_are_never_mutated(name):
     ],
 )
 def test_two_clients_two_rounds_on_minilm(rt_csv, tmp_path, method, extra):
-    cfg = config.load_config(
-        None,
-        [
-            f"data.dataset={rt_csv}",
-            "data.num_clients=2",
-            "data.max_length=32",
-            "federation.rounds=2",
-            "train.local_steps=2",
-            "train.batch_size=8",
-            f"output.dir={tmp_path / 'run'}",
-            "federation.workers=0",
-            f"federation.method={method}",
-            *extra,
-        ],
-    )
+    cfg = tiny_config(rt_csv, tmp_path / "run", f"federation.method={method}", *extra)
     run_dir, summary = runner.run(cfg, tmp_path / "run")
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     assert all(0.0 <= r["global_accuracy"] <= 1.0 and math.isfinite(r["divergence"]) for r in records)
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in records)

@@ -24,13 +24,10 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
     BertTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
 )
 
+from conftest import tiny_bert, tiny_gpt2
 from fedlora import peft_io
 from fedlora.methods.base import fresh_adapter
 from fedlora.types import BaseEdit, LowRank
@@ -42,20 +39,6 @@ BERT_TARGETS = ["query", "value", "intermediate.dense"]
 QUERY = "bert.encoder.layer.0.attention.self.query"
 INTER = "bert.encoder.layer.1.intermediate.dense"
 C_ATTN = "transformer.h.0.attn.c_attn"
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=100, num_labels=3
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
 
 
 def peft_bert(rslora: bool = False, variant: str = "lora", base: nn.Module | None = None) -> PeftModel:

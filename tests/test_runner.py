@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import tiny_config
 from fedlora import config, runner
 from fedlora.cli import app
 
@@ -28,20 +29,7 @@ cli = CliRunner()
 
 
 def tiny(rt_csv: Path, out: Path, *extra: str) -> config.ExperimentConfig:
-    return config.load_config(
-        None,
-        [
-            f"data.dataset={rt_csv}",
-            "data.num_clients=3",
-            "data.max_length=32",
-            "federation.rounds=2",
-            "train.local_steps=2",
-            "train.batch_size=8",
-            f"output.dir={out}",
-            "federation.workers=0",
-            *extra,
-        ],
-    )
+    return tiny_config(rt_csv, out, "data.num_clients=3", *extra)
 
 
 def test_run_writes_metrics_adapter_summary(rt_csv, tmp_path):

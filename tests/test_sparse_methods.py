@@ -8,14 +8,14 @@ closed form of AdamW's first step, p(1 − lr·wd) − lr·g/(|g| + eps). Module
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedlora import config, methods, peft_io, runner, training
+from conftest import read_records, tiny_config
+from fedlora import methods, peft_io, runner, training
 from fedlora.methods import server_opt
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.methods.fslora import draw_sketch
@@ -489,22 +489,8 @@ def test_grad_masks_with_a_wrong_shape_fail_clearly():
 
 
 def run_tiny(rt_csv: Path, out: Path, *extra: str) -> list[dict]:
-    cfg = config.load_config(
-        None,
-        [
-            f"data.dataset={rt_csv}",
-            "data.num_clients=2",
-            "data.max_length=32",
-            "federation.rounds=2",
-            "train.local_steps=2",
-            "train.batch_size=8",
-            f"output.dir={out}",
-            "federation.workers=0",
-            *extra,
-        ],
-    )
-    run_dir, summary = runner.run(cfg, out)
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run_dir, summary = runner.run(tiny_config(rt_csv, out, *extra), out)
+    records = read_records(run_dir)
     assert [r["round"] for r in records] == [1, 2] and summary["rounds"] == 2
     assert all(0.0 <= r["global_accuracy"] <= 1.0 and math.isfinite(r["global_loss"]) for r in records)
     return records

@@ -9,7 +9,6 @@ m̄ ⊙ (W0 + s·B̂Â) / ‖W0 + s·B̂Â‖_row for DoRA (m̄ the weighted mea
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from fedlora import config, methods, peft_io, runner
+from conftest import read_records, tiny_bert, tiny_config, tiny_gpt2
+from fedlora import methods, peft_io, runner
 from fedlora.config import ConfigError, load_config
 from fedlora.methods.base import ClientInfo, GlobalModel, ModelInfo
 from fedlora.types import AggregationReport, BaseEdit, Contribution, LowRank
@@ -34,20 +33,6 @@ R, ALPHA = 3, 5.0  # α ≠ r: DoRA's s = α/r must be handled
 BERT_TARGETS = ["query", "value", "intermediate.dense"]  # intermediate.dense is non-square (48, 32)
 WEIGHTS = [0.3, 0.7]
 GAUGES = [0.5, 2.0]
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=100, num_labels=3
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
 
 
 def make(variant: str, kind: str = "bert") -> PeftModel:
@@ -339,23 +324,9 @@ def test_methods_declare_their_variants() -> None:
 @pytest.mark.parametrize("variant", ["dora", "hira"])
 @pytest.mark.parametrize("name", ["flora_na", "fedit"])
 def test_two_clients_two_rounds_on_minilm(rt_csv: Path, tmp_path: Path, variant: str, name: str) -> None:
-    cfg = config.load_config(
-        None,
-        [
-            f"data.dataset={rt_csv}",
-            "data.num_clients=2",
-            "data.max_length=32",
-            "federation.rounds=2",
-            "train.local_steps=2",
-            "train.batch_size=8",
-            "federation.workers=0",
-            f"federation.method={name}",
-            f"model.lora.variant={variant}",
-            f"output.dir={tmp_path / 'run'}",
-        ],
-    )
+    cfg = tiny_config(rt_csv, tmp_path / "run", f"federation.method={name}", f"model.lora.variant={variant}")
     run_dir, summary = runner.run(cfg, tmp_path / "run")
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     assert all(0.0 <= r["global_accuracy"] <= 1.0 for r in records)
     magnitudes = 12 * 384 if variant == "dora" else 0  # one (d,) vector per adapted module
