@@ -36,10 +36,12 @@ accumulated in float64 from the float32 M, and ``module_errors`` measures ‖M �
 matrix instead of by the cancelling identity (A1), so divergences keep a ~1e-6 resolution there."""
 
 
-def weighted_stacks(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor) -> tuple[Tensor, Tensor]:
-    """B_w = [w_1 B_1 … w_U B_U] (d×n) and A = [A_1; …; A_U] (n×k), in float64. Ranks may differ."""
-    Bw = torch.cat([float(w) * B.to(F64) for w, B in zip(weights, Bs, strict=True)], dim=1)
-    A = torch.cat([A.to(F64) for A in As], dim=0)
+def weighted_stacks(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, dtype: torch.dtype = F64
+) -> tuple[Tensor, Tensor]:
+    """B_w = [w_1 B_1 … w_U B_U] (d×n) and A = [A_1; …; A_U] (n×k), in ``dtype``. Ranks may differ."""
+    Bw = torch.cat([float(w) * B.to(dtype) for w, B in zip(weights, Bs, strict=True)], dim=1)
+    A = torch.cat([A.to(dtype) for A in As], dim=0)
     return Bw, A
 
 
@@ -51,7 +53,7 @@ class SVD:
     S: Tensor
     Vh: Tensor
     total: float | None = None  # ‖M‖_F² when computed apart from S (float32 dense route)
-    formed: Tensor | None = None  # M itself, float32, when the dense route formed it (module_errors reuses it)
+    formed: Tensor | None = None  # M itself when the dense route formed it (module_errors measures on it)
 
     def energy(self) -> float:
         """‖M‖_F² = Σ σ_i²."""
@@ -69,28 +71,35 @@ def ideal_svd(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, vecto
     U = Q_B X, Vh = Yᵀ Q_Aᵀ. Cost O((d+k)n² + n³), no d×k matrix, float64. When n ≳ 0.8·min(d, k) the core is as
     large as M itself: then M is formed and decomposed directly (float64, or float32 from ``DENSE_FP32_SIZE`` entries).
     """
-    Bw, A = weighted_stacks(Bs, As, weights)
-    d, n = Bw.shape
-    k = A.shape[1]
-    empty = Bw.new_zeros(0)
-    if n > CORE_RATIO * min(d, k):  # (d, k): cheaper than the core here
-        if d * k < DENSE_FP32_SIZE:
-            M = Bw @ A
-            if not vectors:
-                return SVD(empty, torch.linalg.svdvals(M), empty)
-            return SVD(*torch.linalg.svd(M, full_matrices=False))
-        M32 = Bw.float() @ A.float()
-        total = float(torch.linalg.vector_norm(M32, dtype=F64) ** 2)
-        if not vectors:
-            return SVD(empty, torch.linalg.svdvals(M32).to(F64), empty, total, M32)
-        U, S, Vh = torch.linalg.svd(M32, full_matrices=False)
-        return SVD(U.to(F64), S.to(F64), Vh.to(F64), total, M32)
+    if dense_route(Bs, As):
+        return _dense_svd(Bs, As, weights, vectors)
+    return _core_svd(*weighted_stacks(Bs, As, weights), vectors)
+
+
+def dense_route(Bs: Sequence[Tensor], As: Sequence[Tensor]) -> bool:
+    """n = Σ r_u > CORE_RATIO·min(d, k): forming M is cheaper than the QR core."""
+    return sum(B.shape[1] for B in Bs) > CORE_RATIO * min(Bs[0].shape[0], As[0].shape[1])
+
+
+def _core_svd(Bw: Tensor, A: Tensor, vectors: bool) -> SVD:
     QB, RB = torch.linalg.qr(Bw)  # (d, n), (n, n)
     QA, RA = torch.linalg.qr(A.T)  # (k, n), (n, n)
     if not vectors:
-        return SVD(empty, torch.linalg.svdvals(RB @ RA.T), empty)
+        return SVD(Bw.new_zeros(0), torch.linalg.svdvals(RB @ RA.T), Bw.new_zeros(0))
     X, S, Yh = torch.linalg.svd(RB @ RA.T)  # core (n, n)
     return SVD(QB @ X, S, Yh @ QA.T)
+
+
+def _dense_svd(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, vectors: bool) -> SVD:
+    """Form M (float64, or float32 from ``DENSE_FP32_SIZE`` entries) and decompose it; M is kept in ``formed``."""
+    dtype = torch.float32 if Bs[0].shape[0] * As[0].shape[1] >= DENSE_FP32_SIZE else F64
+    M = torch.mm(*weighted_stacks(Bs, As, weights, dtype))
+    total = float(torch.linalg.vector_norm(M, dtype=F64) ** 2)
+    empty = M.new_zeros(0, dtype=F64)
+    if not vectors:
+        return SVD(empty, torch.linalg.svdvals(M).to(F64), empty, total, M)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return SVD(U.to(F64), S.to(F64), Vh.to(F64), total, M)
 
 
 def truncated_svd(
@@ -133,9 +142,10 @@ def candidate_error2(Bw: Tensor, A: Tensor, energy: float, X: Tensor, Y: Tensor)
     return max(quad - 2.0 * cross + energy, 0.0)
 
 
-def _formed_error2(M: Tensor, X: Tensor, Y: Tensor) -> float:
-    """‖XY − M‖_F² on a formed float32 M (the dense route): direct, so no cancellation against ‖M‖²."""
-    return float(torch.linalg.vector_norm(torch.addmm(M, X.float(), Y.float(), alpha=-1.0), dtype=F64) ** 2)
+def _formed_error2(M: Tensor | None, X: Tensor, Y: Tensor) -> float:
+    """‖XY − M‖_F² on the formed M of the dense route, in M's dtype: direct, so no cancellation against ‖M‖²."""
+    assert M is not None
+    return float(torch.linalg.vector_norm(torch.addmm(M, X.to(M.dtype), Y.to(M.dtype), alpha=-1.0), dtype=F64) ** 2)
 
 
 def concat(parts: Sequence[LowRank]) -> LowRank:
@@ -158,11 +168,14 @@ def module_errors(
     fedit_weights: the weights FedIT would average the factors with (default ``weights``; differs from the
         target weights when the target is the sum).
     """
-    svd = ideal_svd(Bs, As, weights, vectors=False)
+    if dense_route(Bs, As):  # M is formed anyway: measure on it directly
+        svd = _dense_svd(Bs, As, weights, vectors=False)
+        error2 = partial(_formed_error2, svd.formed)
+    else:
+        Bw, A = weighted_stacks(Bs, As, weights)
+        svd = _core_svd(Bw, A, vectors=False)
+        error2 = partial(candidate_error2, Bw, A, svd.energy())
     energy = svd.energy()
-    Bw, A = weighted_stacks(Bs, As, weights)
-    formed = svd.formed
-    error2 = partial(_formed_error2, formed) if formed is not None else partial(candidate_error2, Bw, A, energy)
     if applied:
         cand = concat(applied)
         err2 = error2(cand.B, cand.A)

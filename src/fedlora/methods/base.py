@@ -325,7 +325,7 @@ def balance(adapters: Sequence[Adapter]) -> list[float]:
     """Per client, ‖B̃‖_F / ‖A‖_F over all modules: how far clients' LoRA gauges drift apart (FLoRA-NA's case)."""
     out = []
     for a in adapters:
-        nb = sum(float(lr.B.double().square().sum()) for lr in a.values())
-        na = sum(float(lr.A.double().square().sum()) for lr in a.values())
+        nb = sum(float(torch.linalg.vector_norm(lr.B, dtype=torch.float64) ** 2) for lr in a.values())
+        na = sum(float(torch.linalg.vector_norm(lr.A, dtype=torch.float64) ** 2) for lr in a.values())
         out.append((nb / na) ** 0.5 if na > 0 else float("nan"))
     return out
