@@ -142,10 +142,19 @@ def candidate_error2(Bw: Tensor, A: Tensor, energy: float, X: Tensor, Y: Tensor)
     return max(quad - 2.0 * cross + energy, 0.0)
 
 
-def _formed_error2(M: Tensor | None, X: Tensor, Y: Tensor) -> float:
-    """‖XY − M‖_F² on the formed M of the dense route, in M's dtype: direct, so no cancellation against ‖M‖²."""
+def _formed_error2(M: Tensor | None, parts: Sequence[LowRank]) -> float:
+    """‖Σ X_i Y_i − M‖_F² on the formed M of the dense route, in M's dtype: direct, so no cancellation against
+    ‖M‖²; one copy of M, each part subtracted in place."""
     assert M is not None
-    return float(torch.linalg.vector_norm(torch.addmm(M, X.to(M.dtype), Y.to(M.dtype), alpha=-1.0), dtype=F64) ** 2)
+    R = M.clone()
+    for p in parts:
+        R.addmm_(p.B.to(M.dtype), p.A.to(M.dtype), alpha=-1.0)
+    return float(torch.linalg.vector_norm(R, dtype=F64) ** 2)
+
+
+def _factored_error2(Bw: Tensor, A: Tensor, energy: float, parts: Sequence[LowRank]) -> float:
+    cand = concat(parts)
+    return candidate_error2(Bw, A, energy, cand.B, cand.A)
 
 
 def concat(parts: Sequence[LowRank]) -> LowRank:
@@ -174,18 +183,14 @@ def module_errors(
     else:
         Bw, A = weighted_stacks(Bs, As, weights)
         svd = _core_svd(Bw, A, vectors=False)
-        error2 = partial(candidate_error2, Bw, A, svd.energy())
+        error2 = partial(_factored_error2, Bw, A, svd.energy())
     energy = svd.energy()
-    if applied:
-        cand = concat(applied)
-        err2 = error2(cand.B, cand.A)
-    else:
-        err2 = energy
+    err2 = error2(applied) if applied else energy
     r_max = max(b.shape[1] for b in Bs)
     fw = weights if fedit_weights is None else fedit_weights
     fedit_B = weighted_mean([_pad_cols(b, r_max) for b in Bs], fw)
     fedit_A = weighted_mean([_pad_rows(a, r_max) for a in As], fw)
-    fedit2 = error2(fedit_B, fedit_A)
+    fedit2 = error2([LowRank(fedit_B, fedit_A)])
     norm = energy**0.5
     if norm == 0.0:
         return ModuleError(0.0, 0.0, 0.0, 0.0)

@@ -24,7 +24,7 @@ from torch import Tensor
 from fedlora.methods import register
 from fedlora.methods.base import Aggregated, Capabilities, FactorMethod
 from fedlora.methods.fedit import fedit_factors
-from fedlora.types import Adapter, Regularizer
+from fedlora.types import Adapter, LowRank, Regularizer
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,12 @@ CAPABILITIES = Capabilities(
 
 def update_norms(adapters: Sequence[Adapter]) -> Tensor:
     """‖S_u‖_F over all modules, S_u = B̃_u A_u, from r×r Grams: sqrt(Σ_m ⟨B̃ᵀB̃, AAᵀ⟩)."""
-    return torch.tensor(
-        [
-            sum(
-                float(((lr.B.double().T @ lr.B.double()) * (lr.A.double() @ lr.A.double().T)).sum())
-                for lr in a.values()
-            )
-            ** 0.5
-            for a in adapters
-        ],
-        dtype=torch.float64,
-    )
+    return torch.tensor([sum(map(_update_norm2, a.values())) ** 0.5 for a in adapters], dtype=torch.float64)
+
+
+def _update_norm2(lr: LowRank) -> float:
+    B, A = lr.B.double(), lr.A.double()
+    return float(((B.T @ B) * (A @ A.T)).sum())
 
 
 def norm_weights(adapters: Sequence[Adapter], weights: Tensor) -> Tensor:
