@@ -47,7 +47,8 @@ def weighted_stacks(
 
 @dataclass(frozen=True)
 class SVD:
-    """M = U diag(S) Vh, thin: U (d×m), S (m,), Vh (m×k), singular values in descending order."""
+    """M = U diag(S) Vh, thin: U (d×m), S (m,), Vh (m×k), singular values in descending order (float64; U and Vh
+    are float64 too, except on the float32 dense route, where they stay float32)."""
 
     U: Tensor
     S: Tensor
@@ -99,7 +100,7 @@ def _dense_svd(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, vect
     if not vectors:
         return SVD(empty, torch.linalg.svdvals(M).to(F64), empty, total, M)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return SVD(U.to(F64), S.to(F64), Vh.to(F64), total, M)
+    return SVD(U, S.to(F64), Vh, total, M)  # U, Vh stay in M's dtype: callers keep only a few columns
 
 
 def truncated_svd(
