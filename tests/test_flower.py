@@ -3,9 +3,11 @@ runner on the real packaged MiniLM and a 240-example Rotten Tomatoes sample (slo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +50,13 @@ def test_run_config_round_trip_keeps_lists_and_method_keys():
     assert records.from_run_config(dict(ConfigRecord(flat))) == cfg  # as it travels in a message
     with pytest.raises(ValueError, match="model.lora.rr"):
         records.from_run_config({**flat, "model.lora.rr": 3})
+    # the repository app's keys (flwr run .): a fedlora TOML file and key=value overrides, as `fedlora run` takes them
+    app = records.from_run_config({"config-file": "", "overrides": "data.num_clients=3 'model.lora.ranks=[4, 8, 2]'"})
+    assert app == config.load_config(None, ["data.num_clients=3", "model.lora.ranks=[4, 8, 2]"])
+    with pytest.raises(ValueError, match="train.lrr"):
+        records.from_run_config({"config-file": "", "overrides": "train.lrr=0.1"})
+    with pytest.raises(ValueError, match="mixes"):
+        records.from_run_config({"overrides": "data.num_clients=3", "seed": 1})
 
 
 def test_payload_records_round_trip_exactly():
@@ -95,7 +104,7 @@ def descendants() -> set[int]:
     ps = subprocess.Popen(["ps", "-eo", "pid=,ppid=,stat="], stdout=subprocess.PIPE, text=True)
     out, _ = ps.communicate(timeout=30)
     children: dict[int, list[int]] = {}
-    for line in out.splitread_records():
+    for line in out.splitlines():
         pid, ppid, stat = line.split()
         if not stat.startswith("Z") and int(pid) != ps.pid:  # neither exited-but-unreaped nor this ps
             children.setdefault(int(ppid), []).append(int(pid))
@@ -186,6 +195,56 @@ def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path
         runner.run(strict, tmp_path / "strict")
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_flwr_run_on_a_local_simulation_connection(rt_csv, tmp_path):
+    """`flwr run <repo> <connection>` with the repository's own app config (config-file / overrides) on a local
+    simulation SuperLink connection, as docs/deployment.md describes; the managed local SuperLink is stopped."""
+    import signal
+
+    from fedlora.flower.engine import FLOWER_ENV
+
+    repo = Path(__file__).resolve().parents[1]
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedlora-sim"\n\n[superlink.fedlora-sim]\naddress = ":local:"\n'
+        "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
+    )
+    run_dir = tmp_path / "run"
+    overrides = f'data.dataset="{rt_csv}" data.num_clients=2 data.max_length=32 federation.rounds=1 '
+    overrides += f'train.local_steps=2 train.batch_size=8 federation.method="fedit" output.dir="{run_dir}"'
+    bin_dir = Path(sys.executable).parent  # as in an activated virtual environment: flwr starts flower-superlink
+    env = dict(os.environ) | FLOWER_ENV | {"FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    flwr = bin_dir / "flwr"
+    try:
+        proc = subprocess.run(
+            [str(flwr), "run", str(repo), "fedlora-sim", "--run-config", f"overrides='{overrides}'", "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert (run_dir / "summary.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        for pid in _pids_matching(str(home)):  # the detached local SuperLink flwr started, and its children
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    (record,) = read_records(run_dir)
+    assert record["clients"] == [0, 1] and record["failed_clients"] == {}
+    assert config.load_config(run_dir / "config.toml").federation.method == "fedit"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _pids_matching(str(home)):
+        time.sleep(0.5)
+    assert not _pids_matching(str(home)), "the local SuperLink was left running"
+
+
+def _pids_matching(text: str) -> list[int]:
+    out = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True, timeout=30).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines() if text in line and "pytest" not in line]
+
+
 def test_an_old_flower_is_refused_before_anything_starts(monkeypatch, tmp_path):
     import importlib.metadata
 
@@ -229,7 +288,7 @@ def _kill_node_after_round(run_dir: Path, name: str, rnd: int, killed: list[int]
     deadline = time.monotonic() + 1200
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitread_records()) >= rnd:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rnd:
             pid = json.loads((run_dir / "flower" / "pids.json").read_text())[name]
             os.killpg(pid, signal.SIGKILL)
             killed.append(pid)
@@ -315,7 +374,7 @@ def _assert_all_gone(started: list[int]) -> None:
 def _in_groups(pgids: list[int]) -> list[int]:
     """Live processes in the process groups of ``pgids`` (each started process leads its own group)."""
     out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True, timeout=30).stdout
-    rows = [line.split() for line in out.splitread_records()]
+    rows = [line.split() for line in out.splitlines()]
     return [int(pid) for pid, pgid, stat in rows if int(pgid) in pgids and not stat.startswith("Z")]
 
 

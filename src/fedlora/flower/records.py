@@ -9,6 +9,7 @@ travels as Flower's run config: the flat dotted keys of :func:`fedlora.config.to
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,9 +29,26 @@ def run_config(cfg: cfgmod.ExperimentConfig) -> dict[str, bool | int | float | s
     return {k: (json.dumps(list(v)) if isinstance(v, list | tuple) else v) for k, v in cfgmod.to_flat(cfg).items()}
 
 
+APP_KEYS = ("config-file", "overrides")
+"""The run config keys of fedlora's own Flower app (``[tool.flwr.app.config]`` of the repository's pyproject.toml,
+for ``flwr run .``): a fedlora TOML file and ``key=value`` overrides, exactly as ``fedlora run CONFIG k=v ...``
+takes them, so no config default is repeated in pyproject.toml."""
+
+
 def from_run_config(flat: Mapping[str, Any]) -> cfgmod.ExperimentConfig:
-    """The inverse of :func:`run_config` (keys Flower adds that are not config keys are an error)."""
-    values = {k: (json.loads(v) if isinstance(v, str) and v.startswith("[") else v) for k, v in flat.items()}
+    """The experiment a Flower run config describes: the flat config keys of :func:`run_config` (what fedlora
+    generates and sends), or ``config-file`` / ``overrides`` (``flwr run . --run-config "overrides='k=v ...'"``).
+    Keys that are neither are an error naming the valid keys."""
+    rest = {k: v for k, v in flat.items() if k not in APP_KEYS}
+    path, extra = str(flat.get("config-file", "")), shlex.split(str(flat.get("overrides", "")))
+    if path or extra:
+        if rest:
+            raise ValueError(
+                f"run config mixes {sorted(APP_KEYS)} with flat config keys {sorted(rest)[:3]}: pass the experiment "
+                "either as config-file/overrides or as flat keys"
+            )
+        return cfgmod.load_config(path or None, extra)
+    values = {k: (json.loads(v) if isinstance(v, str) and v.startswith("[") else v) for k, v in rest.items()}
     return cfgmod.from_flat(values)
 
 

@@ -238,8 +238,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry point: the experiment comes from the run config (absolute ``output.dir`` required)."""
+    """Entry point of ``flwr run`` (deployment, or a local simulation connection): the experiment comes from the run
+    config (:func:`fedlora.flower.records.from_run_config`); an absolute ``output.dir`` is required."""
     cfg = records.from_run_config(dict(context.run_config))
     if cfg.output.dir is None or not Path(cfg.output.dir).is_absolute():
-        raise ValueError(f"output.dir = {cfg.output.dir!r}: the Flower ServerApp needs an absolute run directory")
+        raise ValueError(
+            f"output.dir = {cfg.output.dir!r}: the Flower ServerApp needs an absolute run directory, e.g. "
+            """flwr run . <connection> --run-config "overrides='output.dir=\"/abs/run\"'" """.strip()
+        )
     serve(grid, cfg, Path(cfg.output.dir))
