@@ -119,9 +119,11 @@ class FlowerRound:
         timeout = exp.cfg.federation.round_timeout
         replies = self.grid.send_and_receive(list(messages.values()), timeout=timeout)
         out: dict[int, Message | str] = {c: f"no reply within federation.round_timeout = {timeout} s" for c in messages}
+        sent = {m.metadata.message_id: c for c, m in messages.items()}  # ids Flower assigned when pushing
         for reply in replies:
-            c = self.nodes.client_of[reply.metadata.src_node_id]
-            out[c] = f"error on the node: {reply.error.reason}" if reply.has_error() else reply
+            # by the message it answers: the SuperLink itself answers for a node it marked offline
+            c = sent[reply.metadata.reply_to_message_id]
+            out[c] = f"error: {reply.error.reason}" if reply.has_error() else reply
         return out
 
     def train(
@@ -170,7 +172,7 @@ class FlowerRound:
         self, exp: runner.Experiment, state: runner.RunState, clients: Sequence[int]
     ) -> tuple[tuple[float, float], dict[int, float]]:
         rnd = state.next_round
-        exported = exp.method.export(state.server)
+        exported = runner.global_model(exp, state)[0]  # FedSA-LoRA: its evaluation-only model from the reports
         runner.load_global(exp, exported)
         global_eval = evaluate(exp.model, exp.test)
         messages = {}
