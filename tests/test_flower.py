@@ -21,6 +21,11 @@ from fedlora.types import Payload
 
 flwr = pytest.importorskip("flwr")
 
+# One xdist worker runs this file's tests one after another (scripts/test.sh: -n 2 --dist loadgroup): each starts
+# a Flower runtime (Ray, SuperLinks, SuperNodes) that takes both cores, so two at once would slow each other past
+# their round timeouts.
+pytestmark = pytest.mark.xdist_group("flower")
+
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from fedlora.flower import records  # noqa: E402
