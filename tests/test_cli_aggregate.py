@@ -194,8 +194,11 @@ def test_conv1d_layout_base_edit_is_transposed(tmp_path, gpt2_base):
         assert torch.allclose(W[key] - W0[key], delta.T, atol=1e-5), module
 
 
-def test_methods_command_lists_capabilities():
-    res = runner.invoke(app, ["methods"], env={"COLUMNS": "300"})
+def test_methods_command_lists_capabilities(monkeypatch):
+    from fedlora import cli
+
+    monkeypatch.setattr(cli.console, "width", 300)  # a wide terminal: no folded cells (xdist workers have 80)
+    res = runner.invoke(app, ["methods"])
     assert res.exit_code == 0
     for name in ("fedit", "flora_na", "flora", "fedex_lora", "flexlora", "hetlora"):
         assert name in res.output

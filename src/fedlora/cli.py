@@ -246,7 +246,8 @@ def list_methods() -> None:
     from fedlora import methods
 
     table = Table(title="fedlora methods (sizes per adapted d×k matrix, per client, per round)")
-    columns = ("key", "exact", "hetero ranks", "writes base", "personal", "per-client download", "variants")
+    table.add_column("key", no_wrap=True)  # the name to type stays whole on narrow terminals
+    columns = ("exact", "hetero ranks", "writes base", "personal", "per-client download", "variants")
     for col in (*columns, "uplink", "downlink", "paper"):
         table.add_column(col, overflow="fold")
     for name in methods.available():

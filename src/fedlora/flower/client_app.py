@@ -103,12 +103,14 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     from fedlora import peft_io, runner
 
-    exp, c, rnd = _experiment(msg, context)
-    fail = str(msg.content.config_records[TASK].get("fail", ""))
+    task = msg.content.config_records[TASK]
+    fail = str(task.get("fail", ""))
     if fail == "raise":
-        raise RuntimeError(f"client {c}, round {rnd}: injected failure (FEDLORA_FLOWER_FAIL_CLIENTS, test-only)")
+        raise RuntimeError(f"client {task['client']}, round {task['round']}: injected failure (test-only)")
     if fail == "hang":  # answers only after the server stopped waiting for this round
-        time.sleep(exp.cfg.federation.round_timeout + HANG_MARGIN)
+        timeout = float(msg.content.config_records[CONFIG]["federation.round_timeout"])
+        time.sleep(timeout + HANG_MARGIN)
+    exp, c, rnd = _experiment(msg, context)
     download = records.record_payload(msg.content)
     stored = context.state.config_records.get(CLIENT_STATE)
     client_state = pickle.loads(stored["state"]) if stored is not None else exp.method.init_client(exp.client_info(c))

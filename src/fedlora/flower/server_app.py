@@ -61,18 +61,25 @@ def injected_failures() -> dict[int, str]:
     return out
 
 
+NODE_START_TIMEOUT = 180.0
+"""At least this long (or ``federation.round_timeout`` if longer) the server waits at start-up for every node to
+connect and answer the partition query: starting a node's runtime (a Ray actor, a ``flwr-clientapp`` process)
+can take longer than a short round timeout allows."""
+
+
 class Nodes:
     """The node ids of the federation's clients: waits for ``data.num_clients`` nodes, asks each its partition."""
 
     def __init__(self, grid: Grid, cfg: cfgmod.ExperimentConfig) -> None:
-        n, timeout = cfg.data.num_clients, cfg.federation.round_timeout
+        n, timeout = cfg.data.num_clients, max(cfg.federation.round_timeout, NODE_START_TIMEOUT)
         deadline = time.monotonic() + timeout
         ids = list(grid.get_node_ids())
         while len(ids) < n:
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"{len(ids)} Flower nodes connected within federation.round_timeout = {timeout} s, expected "
-                    f"data.num_clients = {n} (one SuperNode per client)"
+                    f"{len(ids)} Flower nodes connected within {timeout} s (the start-up wait: the larger of "
+                    f"federation.round_timeout and {NODE_START_TIMEOUT} s), expected data.num_clients = {n} "
+                    "(one SuperNode per client)"
                 )
             time.sleep(0.5)
             ids = list(grid.get_node_ids())
