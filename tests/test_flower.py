@@ -233,7 +233,9 @@ def test_flwr_run_on_a_local_simulation_connection(rt_csv, tmp_path):
         )
         assert (run_dir / "summary.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     finally:
-        for pid in _pids_matching(str(home)):  # the detached local SuperLink flwr started, and its children
+        links = _pids_matching(str(home))  # the detached local SuperLink flwr started (its own process group)
+        helpers = [p for link in links for p in _pids_matching(f"--parent-pid {link}")]  # flower-superexec
+        for pid in links + helpers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
     (record,) = read_records(run_dir)
@@ -247,7 +249,8 @@ def test_flwr_run_on_a_local_simulation_connection(rt_csv, tmp_path):
 
 def _pids_matching(text: str) -> list[int]:
     out = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True, timeout=30).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if text in line and "pytest" not in line]
+    rows = [line.split(None, 1) for line in out.splitlines() if text in line]
+    return [int(pid) for pid, args in rows if int(pid) != os.getpid() and not args.startswith("ps ")]
 
 
 def test_an_old_flower_is_refused_before_anything_starts(monkeypatch, tmp_path):
