@@ -571,15 +571,16 @@ HEADER = (
 )
 
 
+def config_cells(row: Row) -> list[str]:
+    """The configuration columns every table starts with: regime, d, r, U, n."""
+    return [row.regime, str(row.d), str(row.r), str(row.U), str(row.n)]
+
+
 def table_line(row: Row) -> str:
     dense_x = ratio(row.dense_rule_s, row.rule_s)
     meas_x = ratio(row.dense_measure_s, row.measure_s)
     cells = [
-        row.regime,
-        str(row.d),
-        str(row.r),
-        str(row.U),
-        str(row.n),
+        *config_cells(row),
         row.method,
         fmt_ms(row.rule_s),
         fmt_ms(row.measure_s),
@@ -880,11 +881,7 @@ def adam_table(rows: Sequence[Row]) -> list[str]:
         a = row.extra["adam"]
         steps = str(a["steps"]) if a["reached"] else f"not in {a['steps']}"
         cells = [
-            row.regime,
-            str(row.d),
-            str(row.r),
-            str(row.U),
-            str(row.n),
+            *config_cells(row),
             f"{row.fedit:.4g}",
             f"{row.divergence:.4g}",
             str(row.extra["iterations"]),
@@ -907,11 +904,7 @@ def svd_table(rows: Sequence[Row]) -> list[str]:
         if row.method != "flexlora" or "excess" not in row.extra:
             continue
         cells = [
-            row.regime,
-            str(row.d),
-            str(row.r),
-            str(row.U),
-            str(row.n),
+            *config_cells(row),
             fmt_ms(row.rule_s),
             fmt_ms(row.dense_rule_s, row.dense_rule_estimated),
             fmt_ratio(ratio(row.dense_rule_s, row.rule_s), False, row.dense_rule_estimated),

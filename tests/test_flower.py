@@ -289,6 +289,22 @@ def test_deployment_app_pyproject_carries_the_run_config(tmp_path):
     assert records.from_run_config(app["config"]) == cfg
 
 
+@pytest.fixture
+def started(monkeypatch) -> list[int]:
+    """The PIDs of every process a deployment started, collected when it stops them."""
+    from fedlora.flower import deployment
+
+    pids: list[int] = []
+    real_stop = deployment.Processes.stop
+
+    def stop(self):
+        pids.extend(self.pids)
+        real_stop(self)
+
+    monkeypatch.setattr(deployment.Processes, "stop", stop)
+    return pids
+
+
 def _kill_node_after_round(run_dir: Path, name: str, rnd: int, killed: list[int]) -> None:
     """Once metrics.jsonl has ``rnd`` rounds, SIGKILL the process group of SuperNode ``name`` (from pids.json)."""
     import signal
@@ -307,21 +323,11 @@ def _kill_node_after_round(run_dir: Path, name: str, rnd: int, killed: list[int]
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_deployment_survives_a_killed_supernode_and_stops_every_process(rt_csv, tmp_path, monkeypatch):
+def test_deployment_survives_a_killed_supernode_and_stops_every_process(rt_csv, tmp_path, started):
     """SuperLink + 3 SuperNodes on loopback, 2 rounds of FLoRA-NA; SuperNode 2 is killed after round 1: round 2
     runs with the 2 remaining nodes, the run records who was missing, and no process is left behind."""
     import threading
 
-    from fedlora.flower import deployment
-
-    started: list[int] = []
-    real_stop = deployment.Processes.stop
-
-    def stop(self):
-        started.extend(self.pids)
-        real_stop(self)
-
-    monkeypatch.setattr(deployment.Processes, "stop", stop)
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=flora_na", "federation.engine=flower-deployment")
     cfg = config.with_overrides(cfg, ["data.num_clients=3", "federation.round_timeout=150"])
     killed: list[int] = []
@@ -345,7 +351,7 @@ def test_deployment_survives_a_killed_supernode_and_stops_every_process(rt_csv, 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_deployment_fails_cleanly_when_supernodes_cannot_reach_the_superlink(rt_csv, tmp_path, monkeypatch):
+def test_deployment_fails_cleanly_when_supernodes_cannot_reach_the_superlink(rt_csv, tmp_path, monkeypatch, started):
     from fedlora.flower import deployment
 
     dead_port = deployment.free_ports(1)[0]  # nothing listens there
@@ -354,14 +360,6 @@ def test_deployment_fails_cleanly_when_supernodes_cannot_reach_the_superlink(rt_
     monkeypatch.setattr(
         deployment, "supernode_argv", lambda b, link, *rest: real_argv(b, f"127.0.0.1:{dead_port}", *rest)
     )
-    started: list[int] = []
-    real_stop = deployment.Processes.stop
-
-    def stop(self):
-        started.extend(self.pids)
-        real_stop(self)
-
-    monkeypatch.setattr(deployment.Processes, "stop", stop)
     cfg = tiny(rt_csv, tmp_path / "run", "federation.engine=flower-deployment")
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="every SuperNode exited before the run finished"):

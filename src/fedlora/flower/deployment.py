@@ -150,6 +150,12 @@ def supernode_argv(bin_dir: Path, superlink: str, port: int, client: int, num_cl
     ]
 
 
+def _exited_nodes(procs: Processes, log_dir: Path) -> str:
+    """Each SuperNode that has exited: its exit code and the tail of its log (for error messages)."""
+    gone = procs.exited("supernode-")
+    return "".join(f"\n{name} exited with code {rc}:\n{_tail(log_dir / f'{name}.log', 8)}" for name, rc in gone.items())
+
+
 def _wait_run(run: subprocess.Popen[bytes], procs: Processes, n: int, timeout: float, log_dir: Path) -> int:
     """Wait for ``flwr run``; fail early when every SuperNode has exited (none can serve the run any more).
     Some SuperNodes exiting is tolerated: the ServerApp leaves their clients out and records them."""
@@ -157,12 +163,10 @@ def _wait_run(run: subprocess.Popen[bytes], procs: Processes, n: int, timeout: f
     while time.monotonic() < deadline:
         with contextlib.suppress(subprocess.TimeoutExpired):
             return run.wait(1.0)
-        gone = procs.exited("supernode-")
-        if len(gone) == n:
-            tails = "".join(
-                f"\n{name} (exit code {rc}):\n{_tail(log_dir / f'{name}.log', 8)}" for name, rc in gone.items()
+        if len(procs.exited("supernode-")) == n:
+            raise RuntimeError(
+                f"flower-deployment: every SuperNode exited before the run finished{_exited_nodes(procs, log_dir)}"
             )
-            raise RuntimeError(f"flower-deployment: every SuperNode exited before the run finished{tails}")
     raise RuntimeError(
         f"flower-deployment: the run did not finish within {timeout:.0f} s "
         "(rounds × 3 × federation.round_timeout + start-up)"
@@ -266,13 +270,9 @@ def run_deployment(cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool = F
             code = _wait_run(runner_proc, procs, n, deadline, log_dir)
         summary_path = run_dir / "summary.json"
         if code != 0 or not summary_path.exists():
-            nodes = "".join(
-                f"\n{name} exited with code {rc}:\n{_tail(log_dir / f'{name}.log', 8)}"
-                for name, rc in procs.exited("supernode-").items()
-            )
             raise RuntimeError(
                 f"flower-deployment: `flwr run` exited with code {code} and no {summary_path} was written; logs in "
-                f"{log_dir}:\n{_tail(log_dir / 'flwr-run.log')}{nodes}"
+                f"{log_dir}:\n{_tail(log_dir / 'flwr-run.log')}{_exited_nodes(procs, log_dir)}"
             )
         return json.loads(summary_path.read_text())
     finally:

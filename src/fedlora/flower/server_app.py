@@ -98,7 +98,6 @@ class Nodes:
         missing = sorted(set(range(n)) - set(self.node_of))
         if missing:
             raise RuntimeError(f"no Flower node answered for clients {missing} within {timeout} s")
-        self.client_of = {node: c for c, node in self.node_of.items()}
 
 
 class FlowerRound:
@@ -150,7 +149,7 @@ class FlowerRound:
             m = reply.content.metric_records["metrics"]
             upload = records.record_payload(reply.content)
             report = records.record_report(reply.content)
-            report_bytes = records.message_nbytes(reply.content.array_records[records.REPORT]) if report else 0
+            report_bytes = records.message_nbytes(records.report_record(report)) if report is not None else 0
             self.bytes["report"] += report_bytes
             self.base_version[c] = int(m["base-version"])
             outcomes.append(
