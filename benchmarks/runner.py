@@ -1,11 +1,13 @@
 """Round-time benchmark of the in-process runner (not a test).
 
     .venv/bin/python benchmarks/runner.py [--clients 4] [--rounds 2] [--steps 10] [--workers 0 2]
+                                          [--precision fp32 bf16]
 
-Prints, per worker setting, each round's wall time split into training, aggregation, evaluation and everything
-else (target: everything else + aggregation ≤ 5% of a round), and compares the training throughput of
-``fedlora.training.train_client`` with a bare PyTorch loop (same PEFT model, same batches, AdamW, clipping) run
-in the same process, in the same run.
+Prints, per precision and worker setting, each round's wall time split into training, aggregation, evaluation
+and everything else (target: everything else + aggregation ≤ 5% of a round), the mean round time of each
+setting as a ratio to float32 with the same workers, and compares the training throughput of
+``fedlora.training.train_client`` with a bare PyTorch loop (same PEFT model, same batches, AdamW, clipping, same
+autocast) run in the same process, in the same run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from fedlora import config, peft_io, runner, training
 from fedlora.types import TrainPlan
 
 
-def bare_loop(model: torch.nn.Module, data: training.Encoded, steps: int, batch_size: int, seed: int) -> float:
+def bare_loop(
+    model: torch.nn.Module, data: training.Encoded, steps: int, batch_size: int, seed: int, precision: str
+) -> float:
     """The same work without fedlora: AdamW over the trainable parameters, clipping, the same batch stream."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-4)
@@ -31,7 +35,8 @@ def bare_loop(model: torch.nn.Module, data: training.Encoded, steps: int, batch_
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        loss = model(**next(stream)).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**next(stream)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -48,16 +53,18 @@ def throughput(exp: runner.Experiment, steps: int, repeats: int) -> None:
         t = training.train_client(exp.model, plan, data, settings, seed=i).seconds
         ours.append(t)
         training.apply_plan(exp.model, plan, seed=i)
-        bare.append(bare_loop(exp.model, data, steps, settings.batch_size, seed=i))
+        bare.append(bare_loop(exp.model, data, steps, settings.batch_size, i, settings.precision))
     o, b = sorted(ours)[len(ours) // 2], sorted(bare)[len(bare) // 2]
     print(
-        f"training throughput, {steps} steps (median of {repeats}): fedlora {steps / o:.2f} steps/s, "
+        f"{settings.precision} training throughput, {steps} steps (median of {repeats}): "
+        f"fedlora {steps / o:.2f} steps/s, "
         f"bare PyTorch {steps / b:.2f} steps/s, ratio fedlora/bare time = {o / b:.3f}"
     )
 
 
-def rounds(cfg: config.ExperimentConfig, n_rounds: int) -> None:
-    workers = runner.num_workers(cfg)
+def rounds(cfg: config.ExperimentConfig, n_rounds: int) -> float:
+    """Run ``n_rounds`` rounds, print each one's split; return the mean round time in seconds."""
+    workers, precision, seconds = runner.num_workers(cfg), cfg.model.precision, []
     exp = runner.setup(cfg)
     state = runner.RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
     with runner._pool(cfg) as pool:
@@ -65,12 +72,14 @@ def rounds(cfg: config.ExperimentConfig, n_rounds: int) -> None:
             runner.run_round(exp, state, rnd, pool=pool)
             r = state.records[-1]
             overhead = r["seconds_other"] + r["seconds_aggregate"]
+            seconds.append(r["seconds"])
             print(
-                f"workers={workers} round {rnd}: {r['seconds']:.1f} s = train {r['seconds_train']:.1f} + "
+                f"{precision} workers={workers} round {rnd}: {r['seconds']:.1f} s = train {r['seconds_train']:.1f} + "
                 f"eval {r['seconds_eval']:.1f} + aggregate {r['seconds_aggregate']:.3f} + other "
                 f"{r['seconds_other']:.3f}; neither training nor evaluation: {100 * overhead / r['seconds']:.2f}% "
                 f"({'PASS' if overhead <= 0.05 * r['seconds'] else 'FAIL'} ≤ 5%); load {os.getloadavg()[0]:.1f}"
             )
+    return sum(seconds) / len(seconds)
 
 
 def main() -> None:
@@ -81,19 +90,27 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--method", default="flora_na")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     args = ap.parse_args()
     base = [
         f"data.num_clients={args.clients}",
         f"train.local_steps={args.steps}",
         f"federation.method={args.method}",
     ]
-    cfg0 = config.load_config(None, [*base, "federation.workers=0"])
-    exp = runner.setup(cfg0)
-    peft_io.set_trainable(exp.model, frozenset({"A", "B"}))
-    throughput(exp, args.steps, args.repeats)
-    del exp
-    for w in args.workers:
-        rounds(config.load_config(None, [*base, f"federation.workers={w}"]), args.rounds)
+    mean: dict[tuple[str, int], float] = {}
+    for precision in args.precision:
+        with_precision = [*base, f"model.precision={precision}"]
+        exp = runner.setup(config.load_config(None, [*with_precision, "federation.workers=0"]))
+        peft_io.set_trainable(exp.model, frozenset({"A", "B"}))
+        throughput(exp, args.steps, args.repeats)
+        del exp
+        for w in args.workers:
+            cfg = config.load_config(None, [*with_precision, f"federation.workers={w}"])
+            mean[precision, w] = rounds(cfg, args.rounds)
+    for (precision, w), seconds in mean.items():
+        if precision != "fp32" and ("fp32", w) in mean:
+            fp32 = mean["fp32", w]
+            print(f"workers={w}: round {seconds:.1f} s in {precision}, {fp32:.1f} s in fp32: {fp32 / seconds:.2f}x")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,29 @@ def tiny_bert() -> Any:
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_peft() -> Any:
+    """A seeded 1-layer BERT classifier (hidden 32, vocabulary 50, 2 labels) with PEFT LoRA r = 4, α = 6 on query
+    and value, no dropout."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlora import peft_io
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40, vocab_size=50, num_labels=2
+    )
+    return peft_io.make_peft_model(
+        BertForSequenceClassification(cfg),
+        r=4,
+        alpha=6.0,
+        dropout=0.0,
+        rslora=False,
+        target_modules=["query", "value"],
+        variant="lora",
+        task="seq_cls",
+    )
+
+
 def tiny_gpt2() -> Any:
     """A seeded 2-layer GPT-2 LM (Conv1D layers, (in, out) weight layout), in eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel

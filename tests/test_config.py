@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fedlora import methods
+from fedlora import config, methods
 from fedlora.config import (
     ConfigError,
     ExperimentConfig,
@@ -31,6 +31,7 @@ SPEC_DEFAULTS = {
     "seed": 0,
     "model.name": "fedlora:minilm",
     "model.task": "seq_cls",
+    "model.precision": "bf16" if config.native_bf16() else "fp32",  # "auto", resolved (test below)
     "model.lora.variant": "lora",
     "model.lora.r": 8,
     "model.lora.alpha": 16.0,
@@ -203,6 +204,17 @@ def test_unknown_flat_key():
         from_flat({"federation.round": 3})
 
 
+@pytest.mark.parametrize(("native", "resolved"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_follows_the_cpu_and_is_saved_resolved(native, resolved, monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "native_bf16", lambda: native)
+    cfg = load_config(None, ['model.precision="auto"'])
+    assert cfg.model.precision == resolved
+    assert f'precision = "{resolved}"' in dump_toml(cfg)
+    assert to_flat(cfg)["model.precision"] == resolved
+    for explicit in ("fp32", "bf16"):  # an explicit choice is kept on any CPU
+        assert load_config(None, [f'model.precision="{explicit}"']).model.precision == explicit
+
+
 # ---- values ---------------------------------------------------------------------------------------------------
 
 
@@ -210,6 +222,7 @@ def test_unknown_flat_key():
     ("key", "allowed"),
     [
         ("model.task", ['"seq_cls"', '"causal_lm"']),
+        ("model.precision", ['"auto"', '"fp32"', '"bf16"']),
         ("model.lora.variant", ['"lora"', '"dora"', '"hira"']),
         ("data.partition", ['"iid"', '"dirichlet"', '"pathological"']),
         ("federation.engine", ['"inprocess"', '"flower-simulation"', '"flower-deployment"']),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_records, tiny_config
+from conftest import read_records, tiny_config, tiny_peft
 from fedlora import methods, peft_io, runner, training
 from fedlora.methods import server_opt
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
@@ -390,26 +390,6 @@ def test_server_adamw_matches_torch_over_steps():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training loop: gradient masks
-
-
-def tiny_peft():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40, vocab_size=50, num_labels=2
-    )
-    base = BertForSequenceClassification(cfg)
-    return peft_io.make_peft_model(
-        base,
-        r=4,
-        alpha=6.0,
-        dropout=0.0,
-        rslora=False,
-        target_modules=["query", "value"],
-        variant="lora",
-        task="seq_cls",
-    )
 
 
 def test_grad_masks_keep_masked_entries_bit_identical_under_adamw_with_weight_decay():

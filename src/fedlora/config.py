@@ -67,6 +67,7 @@ Task = Literal["seq_cls", "causal_lm"]
 Variant = Literal["lora", "dora", "hira"]
 Partition = Literal["iid", "dirichlet", "pathological"]
 Engine = Literal["inprocess", "flower-simulation", "flower-deployment"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,14 @@ def _spec(default: Any, expected: str, check: Callable[[Any], bool]) -> Any:
     return field(default=default, metadata={"expected": expected, "check": check})
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles), as PyTorch detects it."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The tree
 
@@ -140,14 +149,25 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``model.*``: a Hugging Face id, a local path or :data:`PACKAGED_MODEL`; the task head; the adapter."""
+    """``model.*``: a Hugging Face id, a local path or :data:`PACKAGED_MODEL`; the task head; the adapter.
+
+    precision: the compute type of client training and of every evaluation. ``fp32``: float32 throughout.
+        ``bf16``: mixed precision (``torch.autocast`` to bfloat16 for the forward pass); weights, gradients,
+        AdamW state, uploads and every aggregation stay float32 (float64 where the math asks for it).
+        ``auto`` (the default) becomes ``bf16`` on a CPU that computes bfloat16 natively (AVX512-BF16 or AMX;
+        about 1.7× faster per round there) and ``fp32`` elsewhere, where emulated bfloat16 is slower; the choice
+        is made when the config is built, so the saved config and Flower's run config hold ``fp32`` or ``bf16``.
+    """
 
     name: str = _spec(PACKAGED_MODEL, f"a Hugging Face id, a local path or {PACKAGED_MODEL!r}", _non_empty)
     task: Task = "seq_cls"
+    precision: Precision = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _validate(self, "model")
+        if self.precision == "auto":
+            object.__setattr__(self, "precision", "bf16" if native_bf16() else "fp32")
 
 
 @dataclass(frozen=True)

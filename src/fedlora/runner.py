@@ -68,7 +68,8 @@ class Experiment:
 
 def train_settings(cfg: cfgmod.ExperimentConfig) -> TrainSettings:
     t = cfg.train
-    return TrainSettings(t.lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs)
+    precision = cfg.model.precision
+    return TrainSettings(t.lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs, precision)
 
 
 def setup(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) -> Experiment:
@@ -161,7 +162,7 @@ def train_one(exp: Experiment, download: Payload, client_state: Any, c: int, rnd
     seed = derive_seed(exp.cfg.seed, CLIENT, rnd, c)
     result = train_client(exp.model, plan, data.train, train_settings(exp.cfg), seed)
     started = time.perf_counter()
-    local_accuracy, _ = evaluate(exp.model, data.test)
+    local_accuracy, _ = evaluate(exp.model, data.test, exp.cfg.model.precision)
     eval_seconds = time.perf_counter() - started
     upload, client_state = exp.method.upload(client_state, result.adapter, result.extras, info, rnd)
     contribution = Contribution(c, float(data.num_examples), upload)
@@ -297,7 +298,9 @@ def _evaluate_global(
     exported = global_model(exp, state)[0]
     if pool is None:
         load_global(exp, exported)
-        return evaluate(exp.model, exp.test), {c: evaluate(exp.model, exp.clients[c].test)[0] for c in clients}
+        precision = exp.cfg.model.precision
+        test = evaluate(exp.model, exp.test, precision)
+        return test, {c: evaluate(exp.model, exp.clients[c].test, precision)[0] for c in clients}
     n = int(exp.test["labels"].shape[0])
     chunks = [("test", i, min(i + EVAL_CHUNK, n)) for i in range(0, n, EVAL_CHUNK)]
     targets = [*chunks, *[("client", c) for c in clients]]

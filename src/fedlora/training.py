@@ -5,6 +5,8 @@ a named regulariser, elementwise gradient masks), never as a trainer subclass. A
 steps (or epochs), gradient clipping, batches drawn by a seeded generator; every random choice derives from the
 seed the caller passes. Batches are padded to ``data.max_length`` when tokenised and trimmed here to their longest
 sequence, which changes no result (attention masks hide padding) and saves most of the compute on short texts.
+``precision = "bf16"`` runs forward passes under ``torch.autocast`` to bfloat16 (mixed precision: parameters,
+gradients and AdamW state stay float32).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ Encoded = Mapping[str, Tensor]
 @dataclass(frozen=True)
 class TrainSettings:
     """``train.*`` of the config: AdamW with ``lr`` and ``weight_decay``, ``max_grad_norm`` clipping,
-    ``local_steps`` optimizer steps or ``local_epochs`` passes (exactly one is set)."""
+    ``local_steps`` optimizer steps or ``local_epochs`` passes (exactly one is set); and ``model.precision``."""
 
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -35,6 +37,7 @@ class TrainSettings:
     batch_size: int = 16
     local_steps: int | None = 10
     local_epochs: int | None = None
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ def apply_plan(model: torch.nn.Module, plan: TrainPlan, seed: int) -> None:
     peft_io.apply_base_edits(model, plan.base_edits)
     peft_io.write_adapter(model, plan.adapter, plan.extras, rank=plan.rank, seed=seed)
     peft_io.set_trainable(model, plan.trainable)
+
+
+def autocast(precision: str) -> torch.autocast:
+    """The forward-pass context of ``model.precision``: bfloat16 autocast for ``bf16``, a no-op for ``fp32``."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"model.precision = {precision!r}: expected 'fp32' or 'bf16'")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _trim(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -150,7 +160,9 @@ def train_client(
     steps = num_steps(settings, int(data["labels"].shape[0]))
     total = 0.0
     for _ in range(steps):
-        loss = model(**next(stream)).loss + regularization(model, plan.regularizer)
+        with autocast(settings.precision):
+            loss = model(**next(stream)).loss
+        loss = loss + regularization(model, plan.regularizer)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         mask_gradients(frozen)
@@ -164,9 +176,12 @@ def train_client(
 
 
 @torch.inference_mode()
-def evaluate_sums(model: torch.nn.Module, data: Encoded, batch_size: int = 64) -> tuple[int, float, int]:
+def evaluate_sums(
+    model: torch.nn.Module, data: Encoded, precision: str = "fp32", batch_size: int = 64
+) -> tuple[int, float, int]:
     """(correct predictions, summed cross-entropy, examples) of a sequence classifier; longest-first batches
-    keep padding small. Sums, so that shards evaluated apart combine exactly."""
+    keep padding small. Sums, so that shards evaluated apart combine exactly. The loss is computed in float32
+    from the logits whatever the ``precision``."""
     model.eval()
     n = int(data["labels"].shape[0])
     order = torch.argsort(data["attention_mask"].sum(1), descending=True)
@@ -174,7 +189,8 @@ def evaluate_sums(model: torch.nn.Module, data: Encoded, batch_size: int = 64) -
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         batch = _trim({k: v[idx] for k, v in data.items()})
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with autocast(precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
     return correct, loss_sum, n
@@ -185,6 +201,8 @@ def accuracy_loss(sums: tuple[int, float, int]) -> tuple[float, float]:
     return (correct / n, loss_sum / n) if n else (float("nan"), float("nan"))
 
 
-def evaluate(model: torch.nn.Module, data: Encoded, batch_size: int = 64) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module, data: Encoded, precision: str = "fp32", batch_size: int = 64
+) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of a sequence classifier on ``data``."""
-    return accuracy_loss(evaluate_sums(model, data, batch_size))
+    return accuracy_loss(evaluate_sums(model, data, precision, batch_size))

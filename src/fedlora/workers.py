@@ -61,7 +61,8 @@ def _worker_main(conn: Connection, cfg: Any) -> None:
                 result: Any = runner.train_one(exp, task.download, task.client_state, task.client, task.rnd)
             else:
                 peft_io.write_adapter(exp.model, task.adapter, task.extras, rank=exp.info.rank, seed=cfg.seed)
-                result = {t: evaluate_sums(exp.model, runner.eval_set(exp, t)) for t in task.targets}
+                precision = cfg.model.precision
+                result = {t: evaluate_sums(exp.model, runner.eval_set(exp, t), precision) for t in task.targets}
             conn.send(("ok", result))
         except Exception:
             conn.send(("error", traceback.format_exc(limit=4)))

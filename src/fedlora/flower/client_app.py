@@ -149,6 +149,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     adapter = None if model.meta.get("fresh_init") else unpack_adapter(model.tensors, "global model")
     started = time.perf_counter()
     runner.load_global(exp, GlobalModel(adapter, unpack_extras(model.tensors), edits))
-    accuracy, loss = evaluate_model(exp.model, exp.clients[c].test)
+    accuracy, loss = evaluate_model(exp.model, exp.clients[c].test, exp.cfg.model.precision)
     metrics = {"accuracy": accuracy, "loss": loss, "eval-seconds": time.perf_counter() - started}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

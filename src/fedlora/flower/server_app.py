@@ -180,7 +180,7 @@ class FlowerRound:
         rnd = state.next_round
         exported = runner.global_model(exp, state)[0]  # FedSA-LoRA: its evaluation-only model from the reports
         runner.load_global(exp, exported)
-        global_eval = evaluate(exp.model, exp.test)
+        global_eval = evaluate(exp.model, exp.test, exp.cfg.model.precision)
         messages = {}
         for c in clients:
             tensors = dict(records.pack_global(exported, self.base_version.get(c, 0)))
