@@ -115,9 +115,9 @@ def tiny_bert() -> Any:
     return BertForSequenceClassification(cfg).eval()
 
 
-def tiny_peft() -> Any:
+def tiny_peft(dropout: float = 0.0) -> Any:
     """A seeded 1-layer BERT classifier (hidden 32, vocabulary 50, 2 labels) with PEFT LoRA r = 4, α = 6 on query
-    and value, no dropout."""
+    and value (LoRA dropout ``dropout``)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from fedlora import peft_io
@@ -130,7 +130,7 @@ def tiny_peft() -> Any:
         BertForSequenceClassification(cfg),
         r=4,
         alpha=6.0,
-        dropout=0.0,
+        dropout=dropout,
         rslora=False,
         target_modules=["query", "value"],
         variant="lora",

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from conftest import read_records, tiny_config
 from fedlora import config, runner
 from fedlora.cli import app
 
@@ -213,3 +213,50 @@ def test_every_shipped_config_loads():
     for path in paths:
         cfg = config.load_config(path)
         assert cfg.federation.method
+
+
+STATEFUL = [
+    ("fedsa_lora", []),  # each client's B and head stay on the client
+    ("pfedloru", ["method.tau=1", "method.personal_rank=2"]),  # the personal pair; a merge every round
+    ("mfedloru", ["method.tau=1", "model.lora.ranks=[4, 8]"]),  # hierarchical ranks, base edits
+    ("rolora", []),  # which factor trains follows the round
+    ("flasc", ["method.density_up=0.5"]),  # the server optimizer's state
+    ("frlora", []),  # the base rewritten every round
+]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("method", "extra"), STATEFUL, ids=[m for m, _ in STATEFUL])
+def test_stateful_methods_give_the_same_results_on_workers_and_across_a_resume(
+    rt_csv, tmp_path, monkeypatch, method, extra
+):
+    """Client and server state survive the worker processes and the checkpoint: 2 rounds in the main process
+    equal 2 rounds on two workers that stop after round 1 and resume from the saved state."""
+    args = [f"federation.method={method}", *extra]
+    plain, _ = runner.run(tiny_config(rt_csv, tmp_path / "plain", *args), tmp_path / "plain")
+    cfg = tiny_config(rt_csv, tmp_path / "resumed", *args, "federation.workers=2")
+    real_round = runner.run_round
+
+    def stop_before_round_2(exp, state, rnd, *a, **k):
+        if rnd == 2:
+            raise KeyboardInterrupt
+        return real_round(exp, state, rnd, *a, **k)
+
+    monkeypatch.setattr(runner, "run_round", stop_before_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, tmp_path / "resumed")
+    assert len(read_records(tmp_path / "resumed")) == 1
+    monkeypatch.setattr(runner, "run_round", real_round)
+    resumed, _ = runner.run(cfg, tmp_path / "resumed", resume=True)
+    a, b = _records_without_timings(plain), _records_without_timings(resumed)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+            elif k not in ("divergence_per_module", "diagnostics"):
+                assert ra[k] == rb[k], k
+    ta = load_file(plain / "adapter" / "adapter_model.safetensors")
+    tb = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], rtol=1e-3, atol=1e-6) for k in ta)

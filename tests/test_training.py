@@ -68,3 +68,21 @@ def test_bf16_evaluation_runs_in_bfloat16_and_is_close_to_float32():
 def test_unknown_precision_is_a_clear_error():
     with pytest.raises(ValueError, match=r"model.precision = 'fp16': expected 'fp32' or 'bf16'"):
         training.autocast("fp16")
+
+
+def test_training_does_not_depend_on_the_rank_the_model_had_before():
+    """Heterogeneous ranks: a process that trained a rank-2 client before gives a rank-4 client exactly the
+    result of a fresh process (PEFT's re-init at a new rank must not shift the dropout stream)."""
+    settings = training.TrainSettings(lr=1e-2, batch_size=8, local_steps=3)
+    head = peft_io.read_adapter(tiny_peft())[1]  # the plan carries the head, as the runner's plans do
+    results = []
+    for previous_rank in (None, 2):
+        model = tiny_peft(dropout=0.3)
+        if previous_rank is not None:
+            training.train_client(model, TrainPlan(rank=previous_rank, adapter=None), _data(), settings, seed=7)
+        plan = TrainPlan(rank=4, adapter=None, extras=head)
+        results.append(training.train_client(model, plan, _data(), settings, seed=1))
+    fresh, after_rank_change = results
+    assert fresh.loss == after_rank_change.loss
+    for m, lr in fresh.adapter.items():
+        assert torch.equal(lr.A, after_rank_change.adapter[m].A) and torch.equal(lr.B, after_rank_change.adapter[m].B)

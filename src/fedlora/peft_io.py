@@ -390,16 +390,17 @@ def _check_extras(extras: Mapping[str, Tensor], current: Mapping[str, Tensor], w
 def _set_rank(peft_model: PeftModel, rank: int) -> None:
     """Re-create every LoRA layer whose rank differs from ``rank`` (PEFT ``update_layer``, α kept, so s
     follows r; HiRA layers have no α). The new parameters replace the old ones: build optimisers and call
-    ``set_trainable`` after."""
+    ``set_trainable`` after. The global random stream is left as it was."""
     adapter = peft_model.active_adapter
     config = peft_model.peft_config[adapter]
-    for layer in _lora_layers(peft_model).values():
-        if layer.r[adapter] == rank:
-            continue
-        if isinstance(layer, HiraLayer):
-            layer.update_layer(adapter, rank, config=config)
-        else:
-            layer.update_layer(adapter, rank, layer.lora_alpha[adapter], config=config)
+    with torch.random.fork_rng(devices=[]):  # PEFT's re-init draws from the global stream: leave it untouched
+        for layer in _lora_layers(peft_model).values():
+            if layer.r[adapter] == rank:
+                continue
+            if isinstance(layer, HiraLayer):
+                layer.update_layer(adapter, rank, config=config)
+            else:
+                layer.update_layer(adapter, rank, layer.lora_alpha[adapter], config=config)
     config.r = rank
     config.rank_pattern = {}
 

@@ -150,8 +150,8 @@ def train_client(
 ) -> TrainResult:
     """Apply ``plan`` to the model, run the local AdamW steps, return the trained canonical factors."""
     started = time.perf_counter()
-    torch.manual_seed(seed)  # dropout
     apply_plan(model, plan, seed)
+    torch.manual_seed(seed)  # dropout; after the plan, so a rank change (PEFT re-init) cannot shift the stream
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = frozen_entries(model, plan.grad_masks)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
