@@ -260,3 +260,37 @@ def test_stateful_methods_give_the_same_results_on_workers_and_across_a_resume(
     ta = load_file(plain / "adapter" / "adapter_model.safetensors")
     tb = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], rtol=1e-3, atol=1e-6) for k in ta)
+
+
+def test_summary_table_keeps_names_and_values_whole_in_80_columns():
+    from rich.console import Console
+
+    from fedlora.cli import _summary_table
+
+    row = {
+        "final_global_accuracy": 0.5765,
+        "best_global_accuracy": 0.58,
+        "final_local_accuracy": 0.7237,
+        "final_local_global_gap": 0.1512,
+        "mean_divergence": 3.94e-10,
+        "total_bytes_up": 29.8e6,
+        "total_bytes_down": 321.76e6,
+        "wall_seconds": 1098.2,
+    }
+    console = Console(width=80, record=True)
+    console.print(_summary_table({"fedex_lora": row, "mfedloru": row}))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80
+    for cell in (
+        "fedex_lora",
+        "mfedloru",
+        "0.5765",
+        "0.5800",
+        "0.7237",
+        "+0.1512",
+        "3.94e-10",
+        "29.80",
+        "321.76",
+        "1098",
+    ):
+        assert cell in text, cell

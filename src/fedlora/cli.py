@@ -69,20 +69,22 @@ def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[s
 
 
 def _summary_table(rows: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title="summary")
+    """One row per method; compact (two-line headers, no vertical rules) so names and values stay whole in 80
+    columns."""
     cols = [
-        ("final_global_accuracy", "global acc", ".4f"),
-        ("best_global_accuracy", "best global", ".4f"),
-        ("final_local_accuracy", "local acc", ".4f"),
+        ("final_global_accuracy", "global\nacc", ".4f"),
+        ("best_global_accuracy", "best\nglobal", ".4f"),
+        ("final_local_accuracy", "local\nacc", ".4f"),
         ("final_local_global_gap", "gap", "+.4f"),
-        ("mean_divergence", "mean div", ".3g"),
-        ("total_bytes_up", "MB up", "mb"),
-        ("total_bytes_down", "MB down", "mb"),
+        ("mean_divergence", "mean\ndiv", ".3g"),
+        ("total_bytes_up", "MB\nup", "mb"),
+        ("total_bytes_down", "MB\ndown", "mb"),
         ("wall_seconds", "seconds", ".0f"),
     ]
-    table.add_column("method")
+    table = Table(title="summary", box=None, padding=(0, 1), header_style="bold underline")
+    table.add_column("method", no_wrap=True)
     for _, title, _ in cols:
-        table.add_column(title, justify="right")
+        table.add_column(title, justify="right", no_wrap=True)
     for name, s in rows.items():
         table.add_row(name, *[(f"{s[k] / 1e6:.2f}" if f == "mb" else format(s[k], f)) for k, _, f in cols])
     return table

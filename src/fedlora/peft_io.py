@@ -34,10 +34,12 @@ is JSON stating the format version, orientation, formula, the versions included 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +62,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from fedlora.methods.base import ModuleSpec, fresh_adapter
 from fedlora.types import Adapter, BaseEdit, Factor, LowRank
@@ -109,6 +112,24 @@ def resolve_model_name(name: str) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' loading chatter (the progress bar, the load report that lists the new classifier
+    head as missing, which is expected) and the FutureWarning PEFT triggers through a deprecated transformers
+    property. Errors still raise; the previous settings come back after."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_base_model(name: str, task: Task, num_labels: int = 2) -> PreTrainedModel:
     """Load a float32 base model for ``task``; ``num_labels`` is used for ``seq_cls`` only.
 
@@ -117,13 +138,15 @@ def load_base_model(name: str, task: Task, num_labels: int = 2) -> PreTrainedMod
     """
     path = resolve_model_name(name)
     if task == "seq_cls":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        with _quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
         eos = model.config.eos_token_id
         if model.config.pad_token_id is None and isinstance(eos, int):
             model.config.pad_token_id = eos
         return model
     if task == "causal_lm":
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with _quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_TYPES)}")
 
 
@@ -190,7 +213,8 @@ def make_peft_model(
             )
         hira = HiraConfig(task_type=_TASK_TYPES[task], r=r, hira_dropout=dropout, target_modules=list(target_modules))
         hira.fan_in_fan_out = _targets_are_conv1d(base, hira, list(target_modules))
-        return get_peft_model(base, hira)
+        with _quiet_transformers():
+            return get_peft_model(base, hira)
     if r < 1 or alpha <= 0:
         raise ValueError(f"LoRA needs r >= 1 and alpha > 0, got r={r}, alpha={alpha}")
     config = LoraConfig(
@@ -203,7 +227,8 @@ def make_peft_model(
         target_modules=list(target_modules),
     )
     config.fan_in_fan_out = _targets_are_conv1d(base, config, list(target_modules))
-    return get_peft_model(base, config)
+    with _quiet_transformers():
+        return get_peft_model(base, config)
 
 
 def _targets_are_conv1d(base: nn.Module, config: LoraConfig | HiraConfig, patterns: list[str]) -> bool:
