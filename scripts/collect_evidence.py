@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/collect_evidence.py [runs/evidence]
 
-One table per (dataset, alpha, seed) cell (its finished runs, if the grid is still running), a mean ± std table
-over the seeds of each cell that has several, and the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
+One table per (dataset, alpha, seed) cell (its finished runs, if the grid is still running), per-round global
+loss, divergence and local accuracy of each finished run, a mean ± std table over the seeds of each cell that has
+several, and the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
 with ρ_u = ‖B̃_u‖_F / ‖A_u‖_F (1 means every client has the same LoRA gauge; FLoRA-NA can only beat FedIT by much
 when this spread is large).
 """
@@ -50,6 +51,22 @@ def balance_spread(run: Path) -> tuple[float, float]:
     return (statistics.median(spreads), max(spreads)) if spreads else (float("nan"), float("nan"))
 
 
+PER_ROUND = [("global_loss", "global loss", "{:.4f}"), ("divergence", "divergence", "{:.3g}")]
+PER_ROUND += [("local_accuracy", "local acc", "{:.3f}")]
+
+
+def per_round_table(cell: Path, methods: list[str]) -> str:
+    """Rows (metric, method), columns the rounds, from each run's metrics.jsonl."""
+    records = {m: read_metrics(cell / m) for m in methods}
+    rounds = max(len(r) for r in records.values())
+    lines = ["| round | " + " | ".join(str(i) for i in range(1, rounds + 1)) + " |", "|---" * (rounds + 1) + "|"]
+    for key, title, fmt in PER_ROUND:
+        for m in methods:
+            values = [fmt.format(r[key]) if r.get(key) is not None else "" for r in records[m]]
+            lines.append(f"| {m} {title} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def finished_runs(cell: Path) -> dict[str, dict]:
     """{method: summary} of the runs of one cell that finished (summary.json), in the comparison's order when the
     cell finished (comparison.json), else by name: a partly run grid is reported as far as it got."""
@@ -66,6 +83,7 @@ def main(root: Path) -> None:
             continue
         print(f"### {cell.name}\n")
         print(markdown_table(summaries))
+        print(per_round_table(cell, list(summaries)))
         spreads = {m: balance_spread(cell / m) for m in summaries}
         print(
             "B/A balance spread max ρ / min ρ (median over rounds, max): "
