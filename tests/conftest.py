@@ -115,9 +115,9 @@ def tiny_bert() -> Any:
     return BertForSequenceClassification(cfg).eval()
 
 
-def tiny_peft(dropout: float = 0.0) -> Any:
-    """A seeded 1-layer BERT classifier (hidden 32, vocabulary 50, 2 labels) with PEFT LoRA r = 4, α = 6 on query
-    and value (LoRA dropout ``dropout``)."""
+def tiny_peft(dropout: float = 0.0, variant: str = "lora") -> Any:
+    """A seeded 1-layer BERT classifier (hidden 32, vocabulary 50, 2 labels) with a PEFT adapter of rank 4 on query
+    and value: LoRA with α = 6 (or ``variant`` "dora" / "hira"), dropout ``dropout``."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from fedlora import peft_io
@@ -133,7 +133,7 @@ def tiny_peft(dropout: float = 0.0) -> Any:
         dropout=dropout,
         rslora=False,
         target_modules=["query", "value"],
-        variant="lora",
+        variant=variant,
         task="seq_cls",
     )
 

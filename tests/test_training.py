@@ -38,9 +38,10 @@ def _linear_output_dtypes(model: torch.nn.Module, run) -> set[torch.dtype]:
     return seen
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora", "hira"])
 @pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
-def test_training_computes_in_the_precision_and_keeps_float32_parameters(precision, dtype):
-    model = tiny_peft()
+def test_training_computes_in_the_precision_and_keeps_float32_parameters(precision, dtype, variant):
+    model = tiny_peft(variant=variant)
     before = {m: (A.detach().clone(), B.detach().clone()) for m, (A, B) in peft_io.lora_parameters(model).items()}
     settings = training.TrainSettings(lr=1e-2, batch_size=8, local_steps=3, precision=precision)
     plan = TrainPlan(rank=4, adapter=None)
