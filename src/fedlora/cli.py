@@ -60,9 +60,20 @@ class RichProgress:
         )
 
 
+def _describe(cfg: Any) -> str:
+    """One line naming what is about to run, so the console log says which experiment it shows."""
+    f, d, m = cfg.federation, cfg.data, cfg.model
+    partition = f"dirichlet α={d.alpha}" if d.partition == "dirichlet" else d.partition
+    return (
+        f"{f.method} on {d.dataset} ({d.num_clients} clients, {partition}), {m.name} with {m.lora.variant} "
+        f"r={m.lora.r}, {f.rounds} rounds, {m.precision} precision, engine {f.engine}, seed {cfg.seed}"
+    )
+
+
 def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
     from fedlora import runner
 
+    console.print(("resuming " if resume else "") + _describe(cfg))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         return runner.run(cfg, run_dir, resume, RichProgress(progress, cfg.federation.rounds))
