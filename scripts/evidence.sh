@@ -1,25 +1,52 @@
 #!/usr/bin/env bash
-# The evidence grid of docs/results.md (conventions.md §5): one `fedlora compare` per (dataset, Dirichlet alpha,
-# seed), every method on the same clients and seed. Every method on Rotten Tomatoes alpha in {0.5, 0.1}, seed 0;
-# FedIT, FLoRA-NA, FLoRA, FedEx-LoRA and FlexLoRA on the rest of the grid. `--resume` keeps finished runs and
-# resumes an interrupted one, so the script can be stopped and started again. Long: run it in the background.
-#   bash scripts/evidence.sh [OUT_DIR]        (default runs/evidence)
+# The evidence of docs/results.md (conventions.md §5), in this order:
+#   1. one `fedlora compare` per (dataset, Dirichlet alpha, seed), every method on the same clients and seed:
+#      all methods on Rotten Tomatoes alpha in {0.5, 0.1}, seed 0;
+#   2. variants on Rotten Tomatoes alpha=0.5 seed 0 (one `fedlora run` each): FLASC with a per-tensor top-k,
+#      FLASC and FSLoRA with a plain average of the deltas instead of the paper's server AdamW;
+#   3. heterogeneous client ranks (model.lora.ranks) on Rotten Tomatoes alpha=0.5 seed 0, for the methods that
+#      accept them;
+#   4. FedIT, FLoRA-NA, FLoRA, FedEx-LoRA and FlexLoRA on the rest of the grid (BBC News, seeds 1 and 2).
+# Finished runs are kept and an interrupted run resumes from its last round, so the script can be stopped and
+# started again. Long (~8 minutes a run on this machine): run it in the background.
+#   bash scripts/evidence.sh [OUT_DIR]        (default runs/evidence; variants in OUT_DIR-variants)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/evidence}
 core=${CORE_METHODS:-fedit,flora_na,flora,fedex_lora,flexlora}
 all=${ALL_METHODS:-$core,ffa_lora,fedsa_lora,rolora,lora_fair,frlora,fedloru,pfedloru,mfedloru,fslora,flasc,hetlora}
+hetero=fedit,flora_na,flexlora,hetlora,mfedloru
+ranks="model.lora.ranks=[2,2,4,4,4,8,8,8,8,8]"
+sgd1="method.server_optimizer=sgd method.server_lr=1.0 method.server_weight_decay=0.0"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-grid=(
-  "rotten-tomatoes-alpha0.5 0 $all"
-  "rotten-tomatoes-alpha0.1 0 $all"
-  "bbc-news-alpha0.5 0 $core"
-  "bbc-news-alpha0.1 0 $core"
-  "rotten-tomatoes-alpha0.5 1 $core"
-  "rotten-tomatoes-alpha0.5 2 $core"
-)
-for cell in "${grid[@]}"; do
-  read -r name seed methods <<<"$cell"
-  dir="$out/$name-seed$seed"
-  .venv/bin/fedlora compare "configs/evidence/$name.toml" --methods "$methods" --out "$dir" --resume "seed=$seed"
-done
+
+compare() {  # compare CONFIG SEED METHODS DIR [key=value ...]
+  local config=$1 seed=$2 methods=$3 dir=$4
+  shift 4
+  .venv/bin/fedlora compare "configs/evidence/$config.toml" --methods "$methods" --out "$dir" --resume "seed=$seed" "$@"
+}
+
+variant() {  # variant CONFIG SEED NAME key=value ...: one run in OUT-variants/CONFIG-seedSEED/NAME
+  local config=$1 seed=$2 dir="$out-variants/$1-seed$2/$3"
+  shift 3
+  if [[ -f $dir/summary.json ]]; then return; fi
+  if [[ -f $dir/checkpoint.pt ]]; then
+    .venv/bin/fedlora run --resume "$dir"
+  else
+    # shellcheck disable=SC2086  # word splitting of the overrides is intended
+    .venv/bin/fedlora run "configs/evidence/$config.toml" "seed=$seed" "output.dir=$dir" "$@"
+  fi
+}
+
+compare rotten-tomatoes-alpha0.5 0 "$all" "$out/rotten-tomatoes-alpha0.5-seed0"
+compare rotten-tomatoes-alpha0.1 0 "$all" "$out/rotten-tomatoes-alpha0.1-seed0"
+variant rotten-tomatoes-alpha0.5 0 flasc-per-tensor federation.method=flasc method.topk_scope=per_tensor
+# shellcheck disable=SC2086
+variant rotten-tomatoes-alpha0.5 0 flasc-per-tensor-sgd1 federation.method=flasc method.topk_scope=per_tensor $sgd1
+# shellcheck disable=SC2086
+variant rotten-tomatoes-alpha0.5 0 fslora-sgd1 federation.method=fslora $sgd1
+compare rotten-tomatoes-alpha0.5 0 "$hetero" "$out/rotten-tomatoes-alpha0.5-ranks2-8-seed0" "$ranks"
+compare bbc-news-alpha0.5 0 "$core" "$out/bbc-news-alpha0.5-seed0"
+compare bbc-news-alpha0.1 0 "$core" "$out/bbc-news-alpha0.1-seed0"
+compare rotten-tomatoes-alpha0.5 1 "$core" "$out/rotten-tomatoes-alpha0.5-seed1"
+compare rotten-tomatoes-alpha0.5 2 "$core" "$out/rotten-tomatoes-alpha0.5-seed2"

@@ -348,6 +348,65 @@ def test_flasc_bad_density(key, value, expected):
         methods.build("flasc", {key: value})
 
 
+def kept_per_tensor(tensors: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """The test's own per-tensor top-k: each tensor's entries at least its own k_t-th largest magnitude."""
+    return {n: kept({n: t}, density)[n] for n, t in tensors.items()}
+
+
+def test_flasc_per_tensor_scope_golden_two_clients():
+    params = {"density_down": 0.5, "density_up": 0.25, "topk_scope": "per_tensor"}
+    params |= {"server_optimizer": "sgd", "server_lr": 1.0, "server_weight_decay": 0.0}
+    method, state = start("flasc", params)
+    # B two orders of magnitude below A, as early in training: the global ranking would drop it entirely.
+    state = dataclasses.replace(state, adapter={m: LowRank(lr.B * 1e-2, lr.A) for m, lr in state.adapter.items()})
+    P = lora_named(state.adapter)
+    down_mask = kept_per_tensor(P, 0.5)
+    rounds = [client_round(method, state, c, 1, seed=60 + c) for c in (0, 1)]
+    for _, plan, *_ in rounds:
+        for n, t in lora_named(plan.adapter).items():
+            torch.testing.assert_close(t, P[n] * down_mask[n], rtol=0, atol=0)
+            assert int((t != 0).sum()) == int(P[n].numel() * 0.5)  # B travels too, ⌊ρ·n_t⌋ entries each
+    new, _ = aggregate(method, state, [r[4] for r in rounds])
+    avg = {n: torch.zeros_like(t) for n, t in P.items()}
+    for w, (_, _, pert, _, _) in zip(W, rounds, strict=True):
+        delta = lora_named(pert)
+        keep = kept_per_tensor(delta, 0.25)
+        for n in avg:
+            avg[n] += float(w) * delta[n] * keep[n]
+    got = lora_named(new.adapter)
+    for n in P:
+        torch.testing.assert_close(got[n], P[n] + avg[n], rtol=1e-12, atol=1e-12)
+
+
+def test_flasc_global_scope_sends_no_b_while_b_is_small():
+    """The official code's global ranking: with B far below A (B starts at 0), the download carries only A, so the
+    global model's ΔW is 0 and its divergence 1; the per-tensor scope sends B."""
+    method, state = start("flasc", {"density_down": 0.25, "density_up": 0.25})
+    state = dataclasses.replace(state, adapter={m: LowRank(lr.B * 1e-3, lr.A) for m, lr in state.adapter.items()})
+    exported = method.export(state).adapter
+    assert all(not lr.B.any() and lr.A.any() for lr in exported.values())
+    rounds = [client_round(method, state, c, 1, seed=70 + c) for c in (0, 1)]
+    assert all(not lr.B.any() for _, plan, *_ in rounds for lr in plan.adapter.values())
+    per_tensor = methods.build("flasc", {"density_down": 0.25, "density_up": 0.25, "topk_scope": "per_tensor"})
+    assert all(lr.B.any() for lr in per_tensor.export(state).adapter.values())
+
+
+def test_flasc_per_tensor_bytes():
+    method, state = start("flasc", {"density_down": 0.3, "density_up": 0.1, "topk_scope": "per_tensor"}, torch.float32)
+    sizes = [n for d, k in SHAPES.values() for n in (d * RANK, RANK * k)]
+    head_bytes = sum(t.numel() * 4 for t in head().values())
+    down_p, _, _, _, up_p = client_round(method, state, 0, 1, seed=3)
+    assert down_p.nbytes == sum(int(n * 0.3) for n in sizes) * 8 + head_bytes
+    assert up_p.nbytes == sum(int(n * 0.1) for n in sizes) * 8 + head_bytes
+
+
+def test_flasc_bad_topk_scope():
+    with pytest.raises(
+        ValueError, match=r"method\.topk_scope = 'layer' for method 'flasc': expected one of 'global', 'per_tensor'"
+    ):
+        methods.build("flasc", {"topk_scope": "layer"})
+
+
 def test_flasc_freeze_to_mask_sends_the_download_support_as_grad_masks():
     method, state = start("flasc", {"density_down": 0.4, "freeze_to_mask": True})
     info = ClientInfo(0, RANK)

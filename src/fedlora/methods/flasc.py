@@ -14,6 +14,12 @@ fedlora's reading where the paper and code leave room:
   magnitude are broken by ``torch.topk``. At ρ = 1 a tensor travels dense (no indices), as in the code, which
   skips masking there. Sparse tensors carry flat row-major int32 indices (4 bytes each; see ``fedlora.payload``):
   ⌊ρN⌋·(4 + 4) bytes each way, so sparsity pays only below ρ = 0.5.
+- **Scope of the top-k** (``method.topk_scope``). ``"global"`` (default, the official code): one ranking over
+  every LoRA entry of the model. Because B starts at 0 and grows by about the server lr per round while A starts
+  at Kaiming scale (~1/√k), the global ranking keeps only A entries until B's entries reach A's: the global
+  model sent and evaluated has B = 0 (ΔW = 0, divergence 1) for the first tens of rounds (the code runs 200).
+  ``"per_tensor"`` (fedlora's option): each tensor keeps its own ⌊ρ·n_t⌋ largest entries, so B travels from the
+  first round; bytes are Σ_t ⌊ρ·n_t⌋·(4 + 4).
 - **Magnitudes and server steps are in canonical coordinates** (B̃ = s·B): the official code ranks and steps
   PEFT's B, the same when s = α/r = 1 (its default r = α = 16).
 - **The classifier head** (fully trained) travels dense both ways, is not part of the top-k, and takes the same
@@ -63,6 +69,7 @@ class FLASCParams:
     server_lr: float = 1e-3
     server_weight_decay: float = 0.01
     freeze_to_mask: bool = False
+    topk_scope: Literal["global", "per_tensor"] = "global"
 
     def __post_init__(self) -> None:
         for key in ("density_down", "density_up"):
@@ -106,8 +113,11 @@ def _adapter(named: Mapping[str, Tensor]) -> dict[str, LowRank]:
     return unpack_adapter(named)
 
 
-def topk_masks(tensors: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
-    """One global top-k magnitude mask over all tensors flattened together, k = ⌊density·N⌋; bool per tensor."""
+def topk_masks(tensors: Mapping[str, Tensor], density: float, scope: str = "global") -> dict[str, Tensor]:
+    """Top-k magnitude masks, bool per tensor: ``"global"``, one ranking over all tensors flattened together,
+    k = ⌊density·N⌋; ``"per_tensor"``, each tensor's own k_t = ⌊density·n_t⌋."""
+    if scope == "per_tensor":
+        return {n: topk_masks({n: t}, density)[n] for n, t in tensors.items()}
     names = sorted(tensors)
     flat = torch.cat([tensors[n].detach().reshape(-1).abs().double() for n in names])
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -122,12 +132,12 @@ def topk_masks(tensors: Mapping[str, Tensor], density: float) -> dict[str, Tenso
     return out
 
 
-def encode(tensors: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
-    """Dense names at density 1; otherwise ``<name>.values`` / ``<name>.indices`` of the global top-k."""
+def encode(tensors: Mapping[str, Tensor], density: float, scope: str = "global") -> dict[str, Tensor]:
+    """Dense names at density 1; otherwise ``<name>.values`` / ``<name>.indices`` of the top-k."""
     if density >= 1:
         return dict(tensors)
     out: dict[str, Tensor] = {}
-    for n, mask in topk_masks(tensors, density).items():
+    for n, mask in topk_masks(tensors, density, scope).items():
         idx = mask.reshape(-1).nonzero().squeeze(1)
         out |= pack_sparse(n, tensors[n].reshape(-1)[idx], idx)
     return out
@@ -185,13 +195,14 @@ class FLASC:
         named = _named(state.adapter)
         if self.params.density_down >= 1:
             return named
-        masks = topk_masks(named, self.params.density_down)
+        masks = topk_masks(named, self.params.density_down, self.params.topk_scope)
         return {n: t * masks[n] for n, t in named.items()}
 
     def broadcast(self, state: FLASCState, client: ClientInfo, rnd: int) -> Payload:
         named = _named(state.adapter)
         meta = {"round": rnd, "rank": next(iter(state.adapter.values())).rank} | _shape_meta(named)
-        return Payload(encode(named, self.params.density_down) | pack_extras(state.extras), meta)
+        sent = encode(named, self.params.density_down, self.params.topk_scope)
+        return Payload(sent | pack_extras(state.extras), meta)
 
     def aggregate(
         self, state: FLASCState, contributions: Sequence[Contribution], rnd: int
@@ -252,7 +263,8 @@ class FLASC:
         if set(named) != set(client_state):
             raise ValueError(f"client {client.id}: trained LoRA tensors differ from the download's")
         delta = {n: named[n] - client_state[n].to(named[n].dtype) for n in sorted(named)}
-        return Payload(encode(delta, self.params.density_up) | pack_extras(extras), {"delta": True}), None
+        sent = encode(delta, self.params.density_up, self.params.topk_scope)
+        return Payload(sent | pack_extras(extras), {"delta": True}), None
 
 
 def _support(tensors: Mapping[str, Tensor], name: str, shape: torch.Size) -> Tensor:
