@@ -249,6 +249,13 @@ def lora_named(adapter) -> dict[str, torch.Tensor]:
     return {f"lora.{m}.{f}": getattr(lr, f) for m, lr in adapter.items() for f in "AB"}
 
 
+def sparse_mean(rounds, keep, density: float) -> dict[str, torch.Tensor]:
+    """Σ_u w_u (Δ_u ⊙ keep(Δ_u)): the weighted mean of the clients' sparsified deltas (the known perturbations)."""
+    deltas = [lora_named(pert) for _, _, pert, _, _ in rounds]
+    masks = [keep(d, density) for d in deltas]
+    return {n: sum(float(w) * d[n] * m[n] for w, d, m in zip(W, deltas, masks, strict=True)) for n in deltas[0]}
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_flasc_golden_two_clients(optimizer):
     params = {"density_down": 0.5, "density_up": 0.25, "server_optimizer": optimizer}
@@ -266,12 +273,7 @@ def test_flasc_golden_two_clients(optimizer):
             torch.testing.assert_close(t, P[n] * down_mask[n], rtol=0, atol=0)
     new, _ = aggregate(method, state, [r[4] for r in rounds])
     step = (lambda p, g: p - g) if optimizer == "sgd" else adamw_first_step
-    avg = {n: torch.zeros_like(t) for n, t in P.items()}
-    for w, (_, _, pert, _, _) in zip(W, rounds, strict=True):
-        delta = lora_named(pert)
-        keep = kept(delta, 0.25)
-        for n in avg:
-            avg[n] += float(w) * delta[n] * keep[n]
+    avg = sparse_mean(rounds, kept, 0.25)
     got = lora_named(new.adapter)
     for n in P:  # the dense global P takes the step (the download mask only applies to what is sent)
         torch.testing.assert_close(got[n], step(P[n], -avg[n]), rtol=1e-12, atol=1e-12)
@@ -367,12 +369,7 @@ def test_flasc_per_tensor_scope_golden_two_clients():
             torch.testing.assert_close(t, P[n] * down_mask[n], rtol=0, atol=0)
             assert int((t != 0).sum()) == int(P[n].numel() * 0.5)  # B travels too, ⌊ρ·n_t⌋ entries each
     new, _ = aggregate(method, state, [r[4] for r in rounds])
-    avg = {n: torch.zeros_like(t) for n, t in P.items()}
-    for w, (_, _, pert, _, _) in zip(W, rounds, strict=True):
-        delta = lora_named(pert)
-        keep = kept_per_tensor(delta, 0.25)
-        for n in avg:
-            avg[n] += float(w) * delta[n] * keep[n]
+    avg = sparse_mean(rounds, kept_per_tensor, 0.25)
     got = lora_named(new.adapter)
     for n in P:
         torch.testing.assert_close(got[n], P[n] + avg[n], rtol=1e-12, atol=1e-12)
