@@ -6,6 +6,7 @@ References are dense float64 sums computed here from the tensors each site saved
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -203,6 +204,20 @@ def test_methods_command_lists_capabilities(monkeypatch):
     for name in ("fedit", "flora_na", "flora", "fedex_lora", "flexlora", "hetlora"):
         assert name in res.output
     assert "r(d+k)" in res.output and "native" in res.output
+
+
+def test_methods_command_with_a_name_lists_its_keys_and_defaults(monkeypatch):
+    from fedlora import cli, methods
+
+    monkeypatch.setattr(cli.console, "width", 300)
+    res = runner.invoke(app, ["methods", "flasc"])
+    assert res.exit_code == 0
+    cells = [line.split("│")[1:4] for line in res.output.splitlines() if line.startswith("│")]
+    rows = {key.strip(): default.strip() for key, _, default in cells}
+    assert rows == {f"method.{k}": repr(v) for k, v in dataclasses.asdict(methods.make_params("flasc")).items()}
+    assert "(none)" in runner.invoke(app, ["methods", "fedit"]).output
+    bad = runner.invoke(app, ["methods", "flsac"])
+    assert bad.exit_code == 2 and "did you mean 'flasc'" in bad.output
 
 
 def test_unknown_method_suggests_and_writes_nothing(tmp_path, bert_base):

@@ -254,10 +254,20 @@ def _task_type(adapter_dir: Path) -> str | None:
 
 
 @app.command("methods")
-def list_methods() -> None:
-    """Every registered method with its capabilities and communication formulas."""
+def list_methods(
+    name: Annotated[str | None, typer.Argument(help="A method: list its method.* keys and defaults.")] = None,
+) -> None:
+    """Every registered method with its capabilities and communication formulas; with a NAME, its
+    hyperparameters (the ``method.*`` config keys), their types and defaults."""
     from fedlora import methods
 
+    if name is not None:
+        try:
+            params = methods.params_class(name)
+        except ValueError as e:
+            _fail(str(e))
+        _print_params(name, params)
+        return
     table = Table(title="fedlora methods (sizes per adapted d×k matrix, per client, per round)")
     table.add_column("key", no_wrap=True)  # the name to type stays whole on narrow terminals
     columns = ("exact", "hetero ranks", "writes base", "personal", "per-client download", "variants")
@@ -278,6 +288,21 @@ def list_methods() -> None:
             c.downlink,
             c.paper,
         )
+    console.print(table)
+
+
+def _print_params(name: str, params: type) -> None:
+    """One row per ``method.*`` key of a method's hyperparameter dataclass: key, type, default."""
+    import dataclasses
+
+    table = Table(title=f"{name}: method.* keys (their meaning and allowed values: docs/methods.md)")
+    for col in ("key", "type", "default"):
+        table.add_column(col, overflow="fold")
+    fields = dataclasses.fields(params)
+    for f in fields:
+        table.add_row(f"method.{f.name}", str(f.type), repr(f.default))
+    if not fields:
+        table.add_row("(none)", "", "")
     console.print(table)
 
 
