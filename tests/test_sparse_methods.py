@@ -386,6 +386,15 @@ def test_flasc_global_scope_sends_no_b_while_b_is_small():
     assert all(not lr.B.any() for _, plan, *_ in rounds for lr in plan.adapter.values())
     per_tensor = methods.build("flasc", {"density_down": 0.25, "density_up": 0.25, "topk_scope": "per_tensor"})
     assert all(lr.B.any() for lr in per_tensor.export(state).adapter.values())
+    # the diagnostic that says so in metrics.jsonl: no B entry among those sent, then B's own share per tensor
+    small = [client_round(method, state, c, 1, seed=0)[4] for c in (0, 1)]
+    zeros = {c: Payload({n: t * 0 for n, t in u.tensors.items()}, u.meta) for c, u in enumerate(small)}
+    assert aggregate(method, state, zeros)[1].diagnostics["b_share_down"] == 0.0
+    sizes = {n: t.numel() for n, t in lora_named(state.adapter).items()}
+    b_share = sum(int(v * 0.25) for n, v in sizes.items() if n.endswith(".B")) / sum(
+        int(v * 0.25) for v in sizes.values()
+    )
+    assert aggregate(per_tensor, state, zeros)[1].diagnostics["b_share_down"] == pytest.approx(b_share)
 
 
 def test_flasc_per_tensor_bytes():

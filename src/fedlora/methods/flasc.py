@@ -32,7 +32,8 @@ fedlora's reading where the paper and code leave room:
   normalised aggregation weights w.
 - **Not implemented:** density decay schedules, per-tier densities (``train_sparse_lora_het.py``), the DP variant.
 - **Reported errors.** Against M = Σ w_u B̃'_u A'_u, each client's adapter rebuilt as the server sees it
-  (download + sparse delta).
+  (download + sparse delta). The diagnostic ``b_share_down`` is the fraction of the next download's non-zero
+  entries that are B's: 0 means the global model sent and evaluated has ΔW = 0.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ class FLASC:
         bytes_down = {
             c.client: self.broadcast(new_state, ClientInfo(c.client, rank), rnd + 1).nbytes for c in contributions
         }
-        return new_state, AggregationReport(report.modules, bytes_up, bytes_down, {}, report.client_balance)
+        diagnostics = {"b_share_down": b_share(self._download(new_state))}
+        return new_state, AggregationReport(report.modules, bytes_up, bytes_down, diagnostics, report.client_balance)
 
     def export(self, state: FLASCState) -> GlobalModel:
         return GlobalModel(_adapter(self._download(state)), dict(state.extras), ())
@@ -265,6 +267,13 @@ class FLASC:
         delta = {n: named[n] - client_state[n].to(named[n].dtype) for n in sorted(named)}
         sent = encode(delta, self.params.density_up, self.params.topk_scope)
         return Payload(sent | pack_extras(extras), {"delta": True}), None
+
+
+def b_share(sent: Mapping[str, Tensor]) -> float:
+    """The fraction of the non-zero LoRA entries sent that belong to B factors (0: the global ΔW is 0)."""
+    nonzero = {n: int(t.count_nonzero()) for n, t in sent.items()}
+    total = sum(nonzero.values())
+    return sum(v for n, v in nonzero.items() if n.endswith(".B")) / total if total else 0.0
 
 
 def _support(tensors: Mapping[str, Tensor], name: str, shape: torch.Size) -> Tensor:
