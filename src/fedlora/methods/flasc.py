@@ -30,6 +30,8 @@ fedlora's reading where the paper and code leave room:
   ``--eval-masked true``).
 - **Weights.** The official code divides the summed deltas by the number of sampled clients; fedlora uses the
   normalised aggregation weights w.
+- **Default densities** ¼ both ways (fedlora's choice): the official code's defaults are 1.0 (dense), i.e. FedAvg of
+  the LoRA with a server AdamW, not the sparse method.
 - **Not implemented:** density decay schedules, per-tier densities (``train_sparse_lora_het.py``), the DP variant.
 - **Reported errors.** Against M = Σ w_u B̃'_u A'_u, each client's adapter rebuilt as the server sees it
   (download + sparse delta). The diagnostic ``b_share_down`` is the fraction of the next download's non-zero
