@@ -5,10 +5,11 @@
 #   2. variants on Rotten Tomatoes alpha=0.5 seed 0 (one `fedlora run` each): FLASC with a per-tensor top-k,
 #      FLASC and FSLoRA with a plain average of the deltas instead of the paper's server AdamW;
 #   3. heterogeneous client ranks (model.lora.ranks) on Rotten Tomatoes alpha=0.5 seed 0, for the methods that
-#      accept them;
+#      accept them, and mFedLoRU with zero-padded instead of per-component averaging;
 #   4. FedIT, FLoRA-NA, FLoRA, FedEx-LoRA and FlexLoRA on the rest of the grid (BBC News, seeds 1 and 2).
 # Finished runs are kept and an interrupted run resumes from its last round, so the script can be stopped and
-# started again. Long (~8 minutes a run on this machine): run it in the background.
+# started again. Long (~8 minutes a run on Rotten Tomatoes, ~12-17 on BBC News, on this machine): run it in the
+# background.
 #   bash scripts/evidence.sh [OUT_DIR]        (default runs/evidence; variants in OUT_DIR-variants)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,9 @@ compare() {  # compare CONFIG SEED METHODS DIR [key=value ...]
   .venv/bin/fedlora compare "configs/evidence/$config.toml" --methods "$methods" --out "$dir" --resume "seed=$seed" "$@"
 }
 
-variant() {  # variant CONFIG SEED NAME key=value ...: one run in OUT-variants/CONFIG-seedSEED/NAME
-  local config=$1 seed=$2 dir="$out-variants/$1-seed$2/$3"
+# variant CONFIG SEED NAME key=value ...: one run in OUT-variants/CELL/NAME (CELL=CONFIG-seedSEED unless set)
+variant() {
+  local config=$1 seed=$2 dir="$out-variants/${CELL:-$1-seed$2}/$3"
   shift 3
   if [[ -f $dir/summary.json ]]; then return; fi
   if [[ -f $dir/checkpoint.pt ]]; then
@@ -46,6 +48,8 @@ variant rotten-tomatoes-alpha0.5 0 flasc-per-tensor-sgd1 federation.method=flasc
 # shellcheck disable=SC2086
 variant rotten-tomatoes-alpha0.5 0 fslora-sgd1 federation.method=fslora $sgd1
 compare rotten-tomatoes-alpha0.5 0 "$hetero" "$out/rotten-tomatoes-alpha0.5-ranks2-8-seed0" "$ranks"
+CELL=rotten-tomatoes-alpha0.5-ranks2-8-seed0 variant rotten-tomatoes-alpha0.5 0 mfedloru-zero-pad \
+  federation.method=mfedloru method.nesting=zero_pad "$ranks"
 compare bbc-news-alpha0.5 0 "$core" "$out/bbc-news-alpha0.5-seed0"
 compare bbc-news-alpha0.1 0 "$core" "$out/bbc-news-alpha0.1-seed0"
 compare rotten-tomatoes-alpha0.5 1 "$core" "$out/rotten-tomatoes-alpha0.5-seed1"
