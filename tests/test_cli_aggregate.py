@@ -220,6 +220,16 @@ def test_methods_command_with_a_name_lists_its_keys_and_defaults(monkeypatch):
     assert bad.exit_code == 2 and "did you mean 'flasc'" in bad.output
 
 
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_help_shows_the_config_and_override_arguments(command):
+    """Square brackets in a help text are rich markup unless the app renders markdown: they must survive."""
+    res = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    usage = next(line for line in res.output.splitlines() if "Usage:" in line)
+    assert "[CONFIG.toml] [KEY=VALUE]..." in usage
+    assert "[key=value ...]" in res.output or "[k=v ...]" in res.output
+
+
 def test_unknown_method_suggests_and_writes_nothing(tmp_path, bert_base):
     site = make_site(bert_base, tmp_path / "s0", 0, BERT_TARGETS)
     res = runner.invoke(app, ["aggregate", str(site), "--method", "fedavg_lora", "--out", str(tmp_path / "o")])

@@ -18,8 +18,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning with LoRA.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode="markdown", help="Federated fine-tuning with LoRA."
+)
 console = Console()
+# run and compare take [CONFIG.toml] [key=value ...] as extra arguments (parsed by _split_config_args)
+_EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _fail(message: str) -> None:
@@ -101,7 +105,7 @@ def _summary_table(rows: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings=_EXTRA_ARGS, options_metavar="[OPTIONS] [CONFIG.toml] [KEY=VALUE]...")
 def run(
     ctx: typer.Context,
     resume: Annotated[Path | None, typer.Option(help="Continue the run saved in this directory.")] = None,
@@ -125,7 +129,7 @@ def run(
     console.print(f"run directory: {run_dir}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings=_EXTRA_ARGS, options_metavar="[OPTIONS] [CONFIG.toml] [KEY=VALUE]...")
 def compare(
     ctx: typer.Context,
     methods_: Annotated[str, typer.Option("--methods", help="Comma-separated method names.")],
