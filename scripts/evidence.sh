@@ -11,7 +11,9 @@
 #      of the default split (docs/results.md)?
 # Finished runs are kept and an interrupted run resumes from its last round, so the script can be stopped and
 # started again. Long (~8 minutes a run on Rotten Tomatoes, ~12-17 on BBC News, on this machine): run it in the
-# background.
+# background. The configs pin model.precision = "bf16"; on a CPU without native bfloat16 that is emulated and ~15x
+# slower (docs/benchmarks.md): there, run
+#   EXTRA=model.precision=fp32 bash scripts/evidence.sh runs/evidence-fp32
 #   bash scripts/evidence.sh [OUT_DIR]        (default runs/evidence; variants in OUT_DIR-variants)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +23,13 @@ all=${ALL_METHODS:-$core,ffa_lora,fedsa_lora,rolora,lora_fair,frlora,fedloru,pfe
 hetero=fedit,flora_na,flexlora,hetlora,mfedloru
 ranks="model.lora.ranks=[2,2,4,4,4,8,8,8,8,8]"
 sgd1="method.server_optimizer=sgd method.server_lr=1.0 method.server_weight_decay=0.0"
+read -r -a extra <<< "${EXTRA:-}"  # overrides added to every run, e.g. EXTRA=model.precision=fp32
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 compare() {  # compare CONFIG SEED METHODS DIR [key=value ...]
   local config=$1 seed=$2 methods=$3 dir=$4
   shift 4
-  .venv/bin/fedlora compare "configs/evidence/$config.toml" --methods "$methods" --out "$dir" --resume "seed=$seed" "$@"
+  .venv/bin/fedlora compare "configs/evidence/$config.toml" --methods "$methods" --out "$dir" --resume "seed=$seed" "$@" "${extra[@]}"
 }
 
 # variant CONFIG SEED NAME key=value ...: one run in OUT-variants/CELL/NAME (CELL=CONFIG-seedSEED unless set)
@@ -38,7 +41,7 @@ variant() {
     .venv/bin/fedlora run --resume "$dir"
   else
     # shellcheck disable=SC2086  # word splitting of the overrides is intended
-    .venv/bin/fedlora run "configs/evidence/$config.toml" "seed=$seed" "output.dir=$dir" "$@"
+    .venv/bin/fedlora run "configs/evidence/$config.toml" "seed=$seed" "output.dir=$dir" "$@" "${extra[@]}"
   fi
 }
 

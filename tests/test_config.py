@@ -215,6 +215,18 @@ def test_auto_precision_follows_the_cpu_and_is_saved_resolved(native, resolved, 
         assert load_config(None, [f'model.precision="{explicit}"']).model.precision == explicit
 
 
+@pytest.mark.parametrize(
+    ("precision", "native", "warns"),
+    [("bf16", False, True), ("bf16", True, False), ("fp32", False, False), ("fp32", True, False)],
+)
+def test_bf16_on_a_cpu_that_emulates_it_warns_and_names_the_key(precision, native, warns, monkeypatch):
+    monkeypatch.setattr(config, "native_bf16", lambda: native)
+    warning = config.emulated_bf16_warning(precision)
+    assert (warning is not None) == warns
+    if warns:
+        assert "model.precision" in warning and "bf16" in warning and "fp32" in warning
+
+
 # ---- values ---------------------------------------------------------------------------------------------------
 
 

@@ -75,9 +75,11 @@ def _describe(cfg: Any) -> str:
 
 
 def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
-    from fedlora import runner
+    from fedlora import config, runner
 
     console.print(("resuming " if resume else "") + _describe(cfg))
+    if warning := config.emulated_bf16_warning(cfg.model.precision):
+        console.print(f"[bold yellow]warning:[/] {warning}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         return runner.run(cfg, run_dir, resume, RichProgress(progress, cfg.federation.rounds))

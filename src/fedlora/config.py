@@ -120,6 +120,22 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def emulated_bf16_warning(precision: str) -> str | None:
+    """A warning when ``model.precision = "bf16"`` was chosen on a CPU that only emulates bfloat16, else None.
+
+    An explicit choice is kept (pinned precision makes results comparable across machines), but emulation is
+    very slow: the BBC News evidence cell took ~1,600 s a round on an AVX2-only CPU against ~90 s with native
+    bfloat16 (docs/benchmarks.md).
+    """
+    if precision != "bf16" or native_bf16():
+        return None
+    return (
+        'model.precision = "bf16" on a CPU without native bfloat16 (no AVX512-BF16 or AMX): PyTorch emulates it, '
+        'which can be >10x slower per round than "fp32"; set model.precision=auto (or fp32) unless you need bf16 '
+        "to match earlier runs"
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The tree
 
