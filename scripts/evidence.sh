@@ -7,8 +7,8 @@
 #   3. heterogeneous client ranks (model.lora.ranks) on Rotten Tomatoes alpha=0.5 seed 0, for the methods that
 #      accept them, and mFedLoRU with zero-padded instead of per-component averaging;
 #   4. FedIT, FLoRA-NA, FLoRA, FedEx-LoRA and FlexLoRA on the rest of the grid (BBC News, seeds 1 and 2);
-#   5. FlexLoRA with split = "sqrt" on BBC News alpha=0.1 seed 0: does its lead there come from the orthonormal A
-#      of the default split (docs/results.md)?
+#   5. FlexLoRA with split = "sqrt" and the default split on BBC News alpha=0.1 seed 0, in float32: does its lead
+#      there come from the orthonormal A of the default split (docs/results.md)?
 # Finished runs are kept and an interrupted run resumes from its last round, so the script can be stopped and
 # started again. Long (~8 minutes a run on Rotten Tomatoes, ~12-17 on BBC News, on this machine): run it in the
 # background. The configs pin model.precision = "bf16"; on a CPU without native bfloat16 that is emulated and ~15x
@@ -59,4 +59,6 @@ compare bbc-news-alpha0.5 0 "$core" "$out/bbc-news-alpha0.5-seed0"
 compare bbc-news-alpha0.1 0 "$core" "$out/bbc-news-alpha0.1-seed0"
 compare rotten-tomatoes-alpha0.5 1 "$core" "$out/rotten-tomatoes-alpha0.5-seed1"
 compare rotten-tomatoes-alpha0.5 2 "$core" "$out/rotten-tomatoes-alpha0.5-seed2"
-variant bbc-news-alpha0.1 0 flexlora-split-sqrt federation.method=flexlora method.split=sqrt
+# item 5 ran in float32 (the VM of that day emulated bfloat16), so both splits run in float32
+variant bbc-news-alpha0.1 0 flexlora-fp32 federation.method=flexlora model.precision=fp32
+variant bbc-news-alpha0.1 0 flexlora-split-sqrt-fp32 federation.method=flexlora method.split=sqrt model.precision=fp32
