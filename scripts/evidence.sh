@@ -40,7 +40,6 @@ variant() {
   if [[ -f $dir/checkpoint.pt ]]; then
     .venv/bin/fedlora run --resume "$dir"
   else
-    # shellcheck disable=SC2086  # word splitting of the overrides is intended
     .venv/bin/fedlora run "configs/evidence/$config.toml" "seed=$seed" "output.dir=$dir" "$@" "${extra[@]}"
   fi
 }

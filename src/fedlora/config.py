@@ -124,8 +124,8 @@ def emulated_bf16_warning(precision: str) -> str | None:
     """A warning when ``model.precision = "bf16"`` was chosen on a CPU that only emulates bfloat16, else None.
 
     An explicit choice is kept (pinned precision makes results comparable across machines), but emulation is
-    very slow: the BBC News evidence cell took ~1,600 s a round on an AVX2-only CPU against ~90 s with native
-    bfloat16 (docs/benchmarks.md).
+    very slow: on an AVX2-only CPU the BBC News evidence cell took 1,625 s a round in bf16 against 110 s in fp32
+    (docs/benchmarks.md).
     """
     if precision != "bf16" or native_bf16():
         return None
