@@ -294,3 +294,38 @@ def test_summary_table_keeps_names_and_values_whole_in_80_columns():
         "1098",
     ):
         assert cell in text, cell
+
+
+def test_eval_every_skips_rounds_and_leaves_evaluated_rounds_unchanged(rt_csv, tmp_path):
+    """eval.every=2 over 3 rounds evaluates rounds 2 and 3 (the last always), records null evaluation keys in
+    round 1, and the evaluated rounds equal those of a run that evaluates every round: evaluation draws no random
+    numbers and changes no state, so training is the same."""
+    common = ("federation.method=fedit", "federation.rounds=3", "train.local_steps=1")
+    full_dir, _ = runner.run(tiny(rt_csv, tmp_path / "full", *common), tmp_path / "full")
+    every_dir, summary = runner.run(tiny(rt_csv, tmp_path / "every", *common, "eval.every=2"), tmp_path / "every")
+    full, every = read_records(full_dir), read_records(every_dir)
+    assert [r["evaluated"] for r in every] == [False, True, True]
+    assert all(every[0][k] is None for k in runner.EVALUATION_KEYS)
+    for f, e in zip(full, every, strict=True):
+        assert e["divergence"] == f["divergence"] and e["bytes_up"] == f["bytes_up"]
+        if e["evaluated"]:
+            for key in ("global_accuracy", "global_loss", "local_accuracy", "clients_global_accuracy"):
+                assert e[key] == f[key], key
+    assert summary["evaluated_rounds"] == [2, 3]
+    assert summary["best_global_accuracy"] == max(every[1]["global_accuracy"], every[2]["global_accuracy"])
+
+
+def test_eval_max_examples_subsamples_client_splits_once_and_the_baselines(rt_csv, tmp_path):
+    """eval.max_examples keeps a seeded subset of each client's test split (the same subset for every build of
+    the experiment), never the global test set; majority_share is the test set's most frequent label share."""
+    cfg = tiny(rt_csv, tmp_path / "run", "eval.max_examples=5")
+    exp, again, full = runner.setup(cfg), runner.setup(cfg), runner.setup(tiny(rt_csv, tmp_path / "full"))
+    for c in range(3):
+        sub, whole = exp.clients[c].test["input_ids"], full.clients[c].test["input_ids"]
+        assert sub.shape[0] == min(5, whole.shape[0]) and torch.equal(sub, again.clients[c].test["input_ids"])
+        assert all(any(torch.equal(row, w) for w in whole) for row in sub)  # a subset of the client's own split
+    assert torch.equal(exp.test["labels"].sort().values, full.test["labels"].sort().values)
+    labels = exp.test["labels"]
+    assert exp.majority_share == pytest.approx(torch.bincount(labels).max().item() / len(labels))
+    local = exp.clients[0].test["labels"]
+    assert exp.clients[0].majority_share == pytest.approx(torch.bincount(local).max().item() / len(local))

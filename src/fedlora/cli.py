@@ -58,9 +58,14 @@ class RichProgress:
 
     def round_done(self, rnd: int, record: dict[str, Any]) -> None:
         self.progress.advance(self.rounds)
+        tail = f"divergence {record['divergence']:.3g}, {record['seconds']:.1f} s"
+        if record["global_accuracy"] is None:
+            self.progress.console.print(f"round {rnd}: not evaluated (eval.every), {tail}")
+            return
         self.progress.console.print(
-            f"round {rnd}: global acc {record['global_accuracy']:.4f}, local acc {record['local_accuracy']:.4f}, "
-            f"divergence {record['divergence']:.3g}, {record['seconds']:.1f} s"
+            f"round {rnd}: global acc {record['global_accuracy']:.4f} (majority class "
+            f"{record['majority_share']:.4f}), local acc {record['local_accuracy']:.4f} (majority "
+            f"{record['local_majority_share']:.4f}), {tail}"
         )
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "PACKAGED_MODEL",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "FederationConfig",
     "LoraConfig",
@@ -263,6 +264,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """``eval.*``: how often and on what the models are evaluated (training is unaffected).
+
+    every: rounds between full evaluations (the global model on the held-out test set and on the clients' test
+        splits, and each client's own adapter on its split); the last round is always evaluated. Rounds in between
+        record their aggregation metrics (divergence, bytes, train loss) with the evaluation keys null.
+    max_examples: a seeded subsample of at most this many examples of each client's test split, drawn once per run
+        (the same examples every round); unset: the whole split. The global test set is never subsampled.
+    """
+
+    every: int = _spec(1, "a positive int (rounds between evaluations)", _positive)
+    max_examples: int | None = _spec(None, "a positive int (or unset: every example)", _positive)
+
+    def __post_init__(self) -> None:
+        _validate(self, "eval")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """``output.*``: the run directory; unset means ``runs/<timestamp>-<method>``, chosen by the runner."""
 
@@ -290,6 +309,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     method: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:

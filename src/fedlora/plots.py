@@ -39,7 +39,8 @@ def plot_runs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for name, recs in runs.items():
+    for name, all_recs in runs.items():
+        recs = _evaluated(all_recs)
         rounds = [r["round"] for r in recs]
         ax[0].plot(rounds, [r["global_accuracy"] for r in recs], marker="o", label=name)
         ax[1].plot(rounds, [r["local_accuracy"] for r in recs], marker="o", label=name)
@@ -71,11 +72,18 @@ def plot_runs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, recs in runs.items():
         total = np.cumsum([r["bytes_up"] + r["bytes_down"] for r in recs]) / 1e6
-        ax.plot(total, [r["global_accuracy"] for r in recs], marker="o", label=name)
+        evaluated = [(t, r["global_accuracy"]) for t, r in zip(total, recs, strict=True)]
+        points = [(t, a) for t, a in evaluated if a is not None]
+        ax.plot([t for t, _ in points], [a for _, a in points], marker="o", label=name)
     ax.set(title="global accuracy vs communication", xlabel="MB up + down (cumulative)", ylabel="accuracy")
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "accuracy_vs_bytes.png"))
     return written
+
+
+def _evaluated(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds that evaluated (``eval.every`` > 1 leaves the others' accuracies null)."""
+    return [r for r in records if r.get("global_accuracy") is not None]
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-SAMPLING, CLIENT = 0, 1  # independent random streams
+SAMPLING, CLIENT, EVAL_SAMPLE = 0, 1, 2  # independent random streams
 
 
 def derive_seed(seed: int, stream: int, *keys: int) -> int:
@@ -44,9 +45,13 @@ def derive_seed(seed: int, stream: int, *keys: int) -> int:
 
 @dataclass
 class ClientData:
+    """A client's tokenised train and test splits (the test split subsampled per ``eval.max_examples``), its
+    number of training examples (its aggregation weight) and the majority-class share of its test split."""
+
     train: Encoded
     test: Encoded
     num_examples: int
+    majority_share: float
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Experiment:
     test: Encoded
     ranks: list[int]
     label_names: list[str]
+    majority_share: float
+    """Accuracy of always predicting the most frequent label of the global test set: the baseline."""
 
     def client_info(self, c: int) -> ClientInfo:
         return ClientInfo(c, self.ranks[c])
@@ -123,11 +130,41 @@ def setup(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
         return datamod.tokenize(part, tokenizer, d.max_length)
 
     keep = set(range(d.num_clients)) if clients is None else set(clients)
-    parts = [
-        ClientData(enc(tr), enc(te), len(tr.labels)) if c in keep else ClientData({}, {}, len(tr.labels))
-        for c, (tr, te) in enumerate(fed.clients)
-    ]
-    return Experiment(cfg, method, model, info, parts, enc(fed.test), ranks, list(fed.label_names))
+    parts = []
+    for c, (tr, te) in enumerate(fed.clients):
+        te = eval_subsample(te, cfg.eval.max_examples, derive_seed(cfg.seed, EVAL_SAMPLE, c))
+        data = (enc(tr), by_length(enc(te))) if c in keep else ({}, {})
+        parts.append(ClientData(*data, len(tr.labels), majority_share(te)))
+    test = by_length(enc(fed.test))
+    return Experiment(cfg, method, model, info, parts, test, ranks, list(fed.label_names), majority_share(fed.test))
+
+
+def majority_share(ds: datamod.TextDataset) -> float:
+    """The share of the most frequent label: the accuracy of always predicting it (NaN for no examples)."""
+    return max(ds.label_counts()) / len(ds) if len(ds) else float("nan")
+
+
+def eval_subsample(ds: datamod.TextDataset, max_examples: int | None, seed: int) -> datamod.TextDataset:
+    """At most ``max_examples`` examples of ``ds``, drawn without replacement by ``seed`` (all when unset)."""
+    if max_examples is None or len(ds) <= max_examples:
+        return ds
+    rng = np.random.default_rng(seed)
+    return ds.subset(sorted(int(i) for i in rng.choice(len(ds), size=max_examples, replace=False)))
+
+
+def by_length(data: Encoded) -> Encoded:
+    """The examples longest first, so that evaluation batches (and the evaluation tasks of the worker pool, which
+    are slices) hold sequences of similar length and carry little padding. Evaluation sums do not depend on the
+    order."""
+    if not data or not len(data["attention_mask"]):
+        return data
+    order = torch.argsort(data["attention_mask"].sum(1), descending=True, stable=True)
+    return {k: v[order] for k, v in data.items()}
+
+
+def is_evaluated(cfg: cfgmod.ExperimentConfig, rnd: int) -> bool:
+    """Whether round ``rnd`` evaluates (every ``eval.every`` rounds, and always the last round)."""
+    return rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds
 
 
 def sample_clients(exp: Experiment, rnd: int) -> list[int]:
@@ -143,10 +180,11 @@ def sample_clients(exp: Experiment, rnd: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ClientOutcome:
-    """One client's round: its upload, its local accuracy with its own trained adapter, timings."""
+    """One client's round: its upload, its local accuracy with its own trained adapter (None in a round that does
+    not evaluate), timings."""
 
     contribution: Contribution
-    local_accuracy: float
+    local_accuracy: float | None
     train_loss: float
     bytes_down: int
     train_seconds: float
@@ -162,7 +200,7 @@ def train_one(exp: Experiment, download: Payload, client_state: Any, c: int, rnd
     seed = derive_seed(exp.cfg.seed, CLIENT, rnd, c)
     result = train_client(exp.model, plan, data.train, train_settings(exp.cfg), seed)
     started = time.perf_counter()
-    local_accuracy, _ = evaluate(exp.model, data.test, exp.cfg.model.precision)
+    local_accuracy = evaluate(exp.model, data.test, exp.cfg.model.precision)[0] if is_evaluated(exp.cfg, rnd) else None
     eval_seconds = time.perf_counter() - started
     upload, client_state = exp.method.upload(client_state, result.adapter, result.extras, info, rnd)
     contribution = Contribution(c, float(data.num_examples), upload)
@@ -221,27 +259,26 @@ class RunState:
 
 
 def round_record(
+    exp: Experiment,
     rnd: int,
     outcomes: Sequence[ClientOutcome],
     failed: Mapping[int, str],
     report: AggregationReport,
-    global_eval: tuple[float, float],
-    global_on_local: Mapping[int, float],
+    evaluation: tuple[tuple[float, float], Mapping[int, float]] | None,
     seconds: Mapping[str, float],
 ) -> dict[str, Any]:
-    """One line of metrics.jsonl. A client missing from ``global_on_local`` (its evaluation failed on a Flower
-    node) has ``null`` in ``clients_global_accuracy`` and is left out of the local-global gap."""
-    local = [o.local_accuracy for o in outcomes]
-    glob = [global_on_local.get(o.contribution.client) for o in outcomes]
-    both = [(lo, gl) for lo, gl in zip(local, glob, strict=True) if gl is not None]
-    on_local = float(np.mean([gl for _, gl in both])) if both else float("nan")
-    return {
-        "round": rnd,
-        "global_accuracy": global_eval[0],
-        "global_loss": global_eval[1],
-        "local_accuracy": float(np.mean(local)),
-        "global_accuracy_on_local": on_local,
-        "local_global_gap": float(np.mean([lo for lo, _ in both]) - on_local) if both else float("nan"),
+    """One line of metrics.jsonl. ``evaluation`` is None in a round that does not evaluate (``eval.every``): its
+    evaluation keys are then null. A client missing from the global-on-local accuracies (its evaluation failed on a
+    Flower node) has ``null`` in ``clients_global_accuracy`` and is left out of the local-global gap.
+
+    Baselines beside the accuracies: ``majority_share`` (always predicting the global test set's most frequent
+    label) and ``local_majority_share`` (the mean over this round's clients of that share on their own test split,
+    the baseline of ``local_accuracy``)."""
+    clients = [o.contribution.client for o in outcomes]
+    record: dict[str, Any] = {"round": rnd, "evaluated": evaluation is not None, "majority_share": exp.majority_share}
+    record |= _evaluation_keys(outcomes, evaluation)
+    record["local_majority_share"] = float(np.mean([exp.clients[c].majority_share for c in clients]))
+    return record | {
         "divergence": report.divergence,
         "eckart_young": report.eckart_young,
         "fedit_divergence": report.fedit,
@@ -251,15 +288,46 @@ def round_record(
         "bytes_up": sum(report.bytes_up.values()),
         "bytes_down": sum(o.bytes_down for o in outcomes),
         "train_loss": float(np.mean([o.train_loss for o in outcomes])),
-        "clients": [o.contribution.client for o in outcomes],
-        "clients_local_accuracy": local,
-        "clients_global_accuracy": glob,
+        "clients": clients,
         "failed_clients": dict(failed),
         "seconds": sum(seconds.values()),
         "seconds_train": seconds["train"],
         "seconds_aggregate": seconds["aggregate"],
         "seconds_eval": seconds["eval"],
         "seconds_other": seconds["other"],
+    }
+
+
+EVALUATION_KEYS = (
+    "global_accuracy",
+    "global_loss",
+    "local_accuracy",
+    "global_accuracy_on_local",
+    "local_global_gap",
+    "clients_local_accuracy",
+    "clients_global_accuracy",
+)
+"""The keys of a metrics record that come from evaluation (null in a round that does not evaluate)."""
+
+
+def _evaluation_keys(
+    outcomes: Sequence[ClientOutcome], evaluation: tuple[tuple[float, float], Mapping[int, float]] | None
+) -> dict[str, Any]:
+    if evaluation is None:
+        return dict.fromkeys(EVALUATION_KEYS)
+    (accuracy, loss), global_on_local = evaluation
+    local = [o.local_accuracy for o in outcomes]
+    glob = [global_on_local.get(o.contribution.client) for o in outcomes]
+    both = [(lo, gl) for lo, gl in zip(local, glob, strict=True) if gl is not None and lo is not None]
+    on_local = float(np.mean([gl for _, gl in both])) if both else float("nan")
+    return {
+        "global_accuracy": accuracy,
+        "global_loss": loss,
+        "local_accuracy": float(np.mean(local)),
+        "global_accuracy_on_local": on_local,
+        "local_global_gap": float(np.mean([lo for lo, _ in both]) - on_local) if both else float("nan"),
+        "clients_local_accuracy": local,
+        "clients_global_accuracy": glob,
     }
 
 
@@ -353,10 +421,9 @@ def run_round(
     report = replace(report, modules=errors) if errors else report
     t_eval = time.perf_counter()
     evaluated = [o.contribution.client for o in outcomes]
-    if evaluator is not None:
-        global_eval, global_on_local = evaluator(exp, state, evaluated)
-    else:
-        global_eval, global_on_local = _evaluate_global(exp, state, evaluated, pool)
+    evaluation = None
+    if is_evaluated(exp.cfg, rnd):
+        evaluation = (evaluator or partial(_evaluate_global, pool=pool))(exp, state, evaluated)
     done = time.perf_counter()
     train = sum(o.train_seconds for o in outcomes)
     local_eval = sum(o.eval_seconds for o in outcomes)
@@ -369,7 +436,7 @@ def run_round(
         "eval": done - t_eval + local_eval * share,
         "other": client_wall - (train + local_eval) * share,
     }
-    state.records.append(round_record(rnd, outcomes, failed, report, global_eval, global_on_local, seconds))
+    state.records.append(round_record(exp, rnd, outcomes, failed, report, evaluation, seconds))
     state.next_round = rnd + 1
 
 
@@ -425,18 +492,24 @@ def save_outputs(exp: Experiment, run_dir: Path, state: RunState) -> dict[str, A
 
 
 def summarize(records: Sequence[Mapping[str, Any]], cfg: cfgmod.ExperimentConfig) -> dict[str, Any]:
-    """The protocol's reported numbers (conventions.md §5) from the per-round records."""
+    """The protocol's reported numbers from the per-round records; evaluation numbers over the evaluated rounds
+    (the last round always is one), with the majority-class baselines beside the accuracies."""
     if not records:
         return {"method": cfg.federation.method, "rounds": 0}
     last = records[-1]
+    evaluated = [r for r in records if r.get("evaluated", True)]
     return {
         "method": cfg.federation.method,
         "rounds": len(records),
+        "evaluated_rounds": [r["round"] for r in evaluated],
+        "majority_share": last.get("majority_share"),
         "final_global_accuracy": last["global_accuracy"],
-        "best_global_accuracy": max(r["global_accuracy"] for r in records),
+        "best_global_accuracy": max(r["global_accuracy"] for r in evaluated),
+        "best_round": max(evaluated, key=lambda r: r["global_accuracy"])["round"],
         "final_global_loss": last["global_loss"],
-        "mean_local_accuracy": float(np.mean([r["local_accuracy"] for r in records])),
+        "mean_local_accuracy": float(np.mean([r["local_accuracy"] for r in evaluated])),
         "final_local_accuracy": last["local_accuracy"],
+        "local_majority_share": last.get("local_majority_share"),
         "final_local_global_gap": last["local_global_gap"],
         "mean_divergence": float(np.mean([r["divergence"] for r in records])),
         "final_divergence": last["divergence"],

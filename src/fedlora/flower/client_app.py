@@ -117,16 +117,16 @@ def train(msg: Message, context: Context) -> Message:
     outcome = runner.train_one(exp, download, client_state, c, rnd)
     context.state[CLIENT_STATE] = ConfigRecord({"state": pickle.dumps(outcome.client_state)})
     _sync_base_edits(exp, context, dict(download.tensors))
-    metrics = MetricRecord(
-        {
-            "num-examples": int(outcome.contribution.weight),
-            "local-accuracy": outcome.local_accuracy,
-            "train-loss": outcome.train_loss,
-            "train-seconds": outcome.train_seconds,
-            "eval-seconds": outcome.eval_seconds,
-            "base-version": peft_io.base_version(exp.model),
-        }
-    )
+    values = {
+        "num-examples": int(outcome.contribution.weight),
+        "train-loss": outcome.train_loss,
+        "train-seconds": outcome.train_seconds,
+        "eval-seconds": outcome.eval_seconds,
+        "base-version": peft_io.base_version(exp.model),
+    }
+    if outcome.local_accuracy is not None:  # absent in a round that does not evaluate (eval.every)
+        values["local-accuracy"] = outcome.local_accuracy
+    metrics = MetricRecord(values)
     content = RecordDict({**records.payload_records(outcome.contribution.payload), "metrics": metrics})
     report = getattr(exp.method, "evaluation_report", None)  # e.g. FedSA-LoRA's own B and head, for evaluation
     if report is not None:

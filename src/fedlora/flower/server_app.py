@@ -155,7 +155,7 @@ class FlowerRound:
             outcomes.append(
                 runner.ClientOutcome(
                     Contribution(c, float(m["num-examples"]), upload),
-                    float(m["local-accuracy"]),
+                    float(m["local-accuracy"]) if "local-accuracy" in m else None,
                     float(m["train-loss"]),
                     downloads[c].nbytes,
                     float(m["train-seconds"]),
