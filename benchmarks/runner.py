@@ -21,8 +21,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-from fedlora import config, peft_io, runner, training
-from fedlora.types import TrainPlan
+from fedlora import config, peft_io, training
+from fedlora.engines import inprocess
+from fedlora.experiment import Experiment, build, train_settings
+from fedlora.types import RunState, TrainPlan
 
 
 def bare_loop(
@@ -44,15 +46,15 @@ def bare_loop(
     return time.perf_counter() - start
 
 
-def throughput(exp: runner.Experiment, steps: int, repeats: int) -> None:
+def throughput(exp: Experiment, steps: int, repeats: int) -> None:
     data = exp.clients[0].train
-    settings = runner.train_settings(exp.cfg)
+    settings = train_settings(exp.cfg)
     plan = TrainPlan(rank=exp.info.rank, adapter=None, extras=exp.info.extras)
     ours, bare = [], []
     for i in range(repeats):
-        t = training.train_client(exp.model, plan, data, settings, seed=i).seconds
+        t = training.train_client(exp.model, exp.task.loss, plan, data, settings, seed=i).seconds
         ours.append(t)
-        training.apply_plan(exp.model, plan, seed=i)
+        peft_io.load_plan(exp.model, plan, seed=i)
         bare.append(bare_loop(exp.model, data, steps, settings.batch_size, i, settings.precision))
     o, b = sorted(ours)[len(ours) // 2], sorted(bare)[len(bare) // 2]
     print(
@@ -64,12 +66,12 @@ def throughput(exp: runner.Experiment, steps: int, repeats: int) -> None:
 
 def rounds(cfg: config.ExperimentConfig, n_rounds: int) -> float:
     """Run ``n_rounds`` rounds, print each one's split; return the mean round time in seconds."""
-    workers, precision, seconds = runner.num_workers(cfg), cfg.model.precision, []
-    exp = runner.setup(cfg)
-    state = runner.RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
-    with runner._pool(cfg) as pool:
+    workers, precision, seconds = inprocess.num_workers(cfg), cfg.model.precision, []
+    exp = build(cfg)
+    state = RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
+    with inprocess._pool(cfg) as pool:
         for rnd in range(1, n_rounds + 1):
-            runner.run_round(exp, state, rnd, pool=pool)
+            inprocess.run_round(exp, state, rnd, pool=pool)
             r = state.records[-1]
             overhead = r["seconds_other"] + r["seconds_aggregate"]
             seconds.append(r["seconds"])
@@ -100,7 +102,7 @@ def main() -> None:
     mean: dict[tuple[str, int], float] = {}
     for precision in args.precision:
         with_precision = [*base, f"model.precision={precision}"]
-        exp = runner.setup(config.load_config(None, [*with_precision, "federation.workers=0"]))
+        exp = build(config.load_config(None, [*with_precision, "federation.workers=0"]))
         peft_io.set_trainable(exp.model, frozenset({"A", "B"}))
         throughput(exp, args.steps, args.repeats)
         del exp

@@ -23,21 +23,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-from fedlora import config, runner, training
+from fedlora import config, evaluation, peft_io, training
+from fedlora.experiment import Experiment, build, train_settings
 from fedlora.types import TrainPlan
 
 
-def continuous(exp: runner.Experiment, steps: int, every: int) -> None:
-    settings = runner.train_settings(exp.cfg)
-    training.apply_plan(exp.model, TrainPlan(rank=exp.info.rank, adapter=None, extras=exp.info.extras), exp.cfg.seed)
-    params = [p for p in exp.model.parameters() if p.requires_grad]
+def continuous(exp: Experiment, steps: int, every: int) -> None:
+    settings = train_settings(exp.cfg)
+    plan = TrainPlan(rank=exp.info.rank, adapter=None, extras=exp.info.extras)
+    params = peft_io.load_plan(exp.model, plan, exp.cfg.seed).parameters
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     stream = training.batches(exp.clients[0].train, settings.batch_size, torch.Generator().manual_seed(exp.cfg.seed))
     torch.manual_seed(exp.cfg.seed)
     for step in range(1, steps + 1):
         exp.model.train()
         with training.autocast(settings.precision):
-            loss = exp.model(**next(stream)).loss
+            loss = exp.task.loss(exp.model, next(stream))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.max_grad_norm > 0:
@@ -47,22 +48,24 @@ def continuous(exp: runner.Experiment, steps: int, every: int) -> None:
             report("continuous", step, exp)
 
 
-def restarted(exp: runner.Experiment, steps: int, every: int) -> None:
-    settings = runner.train_settings(exp.cfg)
+def restarted(exp: Experiment, steps: int, every: int) -> None:
+    settings = train_settings(exp.cfg)
     assert settings.local_steps is not None, "restarted schedule needs train.local_steps"
     adapter, extras = None, exp.info.extras
     for rnd in range(steps // settings.local_steps):
         plan = TrainPlan(rank=exp.info.rank, adapter=adapter, extras=extras)
-        result = training.train_client(exp.model, plan, exp.clients[0].train, settings, exp.cfg.seed + rnd)
+        seed = exp.cfg.seed + rnd
+        result = training.train_client(exp.model, exp.task.loss, plan, exp.clients[0].train, settings, seed)
         adapter, extras = result.adapter, result.extras
         done = (rnd + 1) * settings.local_steps
         if done % every == 0:
             report("restarted", done, exp)
 
 
-def report(schedule: str, step: int, exp: runner.Experiment) -> None:
-    accuracy, loss = training.evaluate(exp.model, exp.test, exp.cfg.model.precision)
-    print(f"{schedule:>10} step {step:4d}: global accuracy {accuracy:.4f}, global loss {loss:.4f}", flush=True)
+def report(schedule: str, step: int, exp: Experiment) -> None:
+    values = evaluation.metrics(exp, exp.test)
+    shown = ", ".join(f"global {k} {v:.4f}" for k, v in values.items())
+    print(f"{schedule:>10} step {step:4d}: {shown}", flush=True)
 
 
 def main() -> None:
@@ -77,9 +80,8 @@ def main() -> None:
     torch.set_num_threads(1)
     forced = ["data.num_clients=1", "data.partition=iid", "federation.workers=0"]
     cfg = config.load_config(args.config, [*args.overrides, *forced])
-    exp = runner.setup(cfg)
-    majority = float(torch.bincount(exp.test["labels"]).max()) / len(exp.test["labels"])
-    print(f"global test set: {len(exp.test['labels'])} examples, majority class share {majority:.4f}")
+    exp = build(cfg)
+    print(f"global test set: {len(exp.test['input_ids'])} examples, baseline ({exp.task.baseline_name}) {exp.baseline}")
     continuous(exp, args.steps, args.every)
     restarted(exp, args.steps, args.every)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedlora import methods, runner
+from fedlora import engines, evaluation, methods
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.types import Contribution, LowRank, Payload
 from test_runner import tiny
@@ -326,19 +326,21 @@ def test_fedsa_evaluation_report_round_trips_the_client_state_without_A():
         assert all(torch.equal(back.extras[n], state.extras[n]) for n in back.extras), c
 
 
-def test_runner_uses_the_evaluation_model_only_when_the_method_defines_it():
+def test_the_global_model_is_the_evaluation_model_only_when_the_method_defines_it():
     from types import SimpleNamespace
 
     method, server = start("fedsa_lora")
     states = {}
     server, _, log = play(method, server, states, 1, W3)
-    model, errors = runner.global_model(SimpleNamespace(method=method), SimpleNamespace(server=server, clients=states))
+    model, errors = evaluation.global_model(
+        SimpleNamespace(method=method), SimpleNamespace(server=server, clients=states)
+    )
     for m in SHAPES:
         Bbar = sum(w * log[c]["trained"][m].B.double() for c, w in W3.items())
         assert torch.allclose(model.adapter[m].B.double(), Bbar, atol=1e-6)
     assert set(errors) == set(SHAPES)
     ffa, ffa_server = start("ffa_lora")
-    model, errors = runner.global_model(SimpleNamespace(method=ffa), SimpleNamespace(server=ffa_server, clients={}))
+    model, errors = evaluation.global_model(SimpleNamespace(method=ffa), SimpleNamespace(server=ffa_server, clients={}))
     assert errors is None and set(model.adapter) == set(SHAPES)
 
 
@@ -372,7 +374,7 @@ def _records(run_dir):
 @pytest.mark.parametrize("name", ["ffa_lora", "fedsa_lora", "rolora"])
 def test_two_clients_two_rounds_on_minilm(rt_csv, tmp_path, name):
     cfg = tiny(rt_csv, tmp_path / "run", f"federation.method={name}", "data.num_clients=2", "data.partition=iid")
-    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    run_dir, summary = engines.run(cfg, tmp_path / "run")
     r1, r2 = _records(run_dir)
     assert r1["clients"] == r2["clients"] == [0, 1]
     if name == "fedsa_lora":

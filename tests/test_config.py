@@ -59,6 +59,7 @@ SPEC_DEFAULTS = {
     "train.lr": 5e-4,
     "train.weight_decay": 0.0,
     "train.max_grad_norm": 1.0,
+    "eval.every": 1,
 }
 
 CONFIG_TOML = """
@@ -179,7 +180,7 @@ def test_unknown_top_level_key_lists_sections_and_suggests(tmp_path):
         load_config(_write(tmp_path, "sed = 1\n"))
     msg = str(info.value)
     assert "unknown key 'sed'" in msg
-    assert "seed, model, data, federation, method, train, output" in msg
+    assert "seed, model, data, federation, method, train, eval, output" in msg
     assert "did you mean 'seed'?" in msg
 
 

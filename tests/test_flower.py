@@ -1,5 +1,5 @@
 """fedlora on Flower 1.41: records and config mapping (fast), and the simulation engine against the in-process
-runner on the real packaged MiniLM and a 240-example Rotten Tomatoes sample (slow: Ray starts per run)."""
+engine on the real packaged MiniLM and a 240-example Rotten Tomatoes sample (slow: Ray starts per run)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import read_records, tiny_config
-from fedlora import config, runner
+from fedlora import config, engines, rundir
 from fedlora.types import Payload
 
 flwr = pytest.importorskip("flwr")
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.xdist_group("flower")
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
-from fedlora.flower import records  # noqa: E402
-from fedlora.flower.server_app import FAIL_ENV  # noqa: E402
+from fedlora.engines.flower import records  # noqa: E402
+from fedlora.engines.flower.server_app import FAIL_ENV  # noqa: E402
 
 EXCLUDED = {"seconds", "seconds_train", "seconds_aggregate", "seconds_eval", "seconds_other"}
 
@@ -140,12 +140,12 @@ def assert_close_records(a: dict, b: dict, path: str = "") -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("method", ["flora_na", "fedsa_lora"])
-def test_simulation_matches_the_in_process_runner(rt_csv, tmp_path, method):
+def test_simulation_matches_the_in_process_engine(rt_csv, tmp_path, method):
     """FLoRA-NA, and FedSA-LoRA, whose evaluation-only global model needs the nodes' own B (evaluation report)."""
     before = descendants()
-    ref_dir, ref_summary = runner.run(tiny(rt_csv, tmp_path / "ref", f"federation.method={method}"), tmp_path / "ref")
+    ref_dir, ref_summary = engines.run(tiny(rt_csv, tmp_path / "ref", f"federation.method={method}"), tmp_path / "ref")
     sim_cfg = tiny(rt_csv, tmp_path / "sim", f"federation.method={method}", "federation.engine=flower-simulation")
-    sim_dir, sim_summary = runner.run(sim_cfg, tmp_path / "sim")
+    sim_dir, sim_summary = engines.run(sim_cfg, tmp_path / "sim")
     assert config.load_config(sim_dir / "config.toml") == sim_cfg
     ref, sim = read_records(ref_dir), read_records(sim_dir)
     for r, s in zip(ref, sim, strict=True):
@@ -172,7 +172,7 @@ def test_simulation_matches_the_in_process_runner(rt_csv, tmp_path, method):
     assert set(ref_w) == set(sim_w)
     for name in ref_w:
         torch.testing.assert_close(sim_w[name], ref_w[name], rtol=1e-3, atol=1e-5, msg=name)
-    assert (sim_dir / runner.CHECKPOINT).exists() and (sim_dir / "summary.json").exists()
+    assert (sim_dir / rundir.CHECKPOINT).exists() and (sim_dir / "summary.json").exists()
     deadline = time.monotonic() + 30  # Ray's processes exit shortly after the simulation returns
     while time.monotonic() < deadline and not descendants() <= before:
         time.sleep(0.5)
@@ -187,7 +187,7 @@ def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.engine=flower-simulation")
     cfg = config.with_overrides(cfg, ["federation.rounds=1", "data.num_clients=3", "federation.round_timeout=90"])
     started = time.monotonic()
-    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    run_dir, summary = engines.run(cfg, tmp_path / "run")
     (record,) = read_records(run_dir)
     assert record["clients"] == [0] and record["flower_messages"] == 1
     assert "injected failure" in record["failed_clients"]["1"]
@@ -197,7 +197,7 @@ def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path
     monkeypatch.setenv(FAIL_ENV, "1")
     strict = config.with_overrides(cfg, ["federation.min_clients=3", f"output.dir={tmp_path / 'strict'}"])
     with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 3"):
-        runner.run(strict, tmp_path / "strict")
+        engines.run(strict, tmp_path / "strict")
 
 
 @pytest.mark.integration
@@ -208,7 +208,7 @@ def test_flwr_run_on_a_local_simulation_connection(rt_csv, tmp_path):
     simulation SuperLink connection, as docs/deployment.md describes; the managed local SuperLink is stopped."""
     import signal
 
-    from fedlora.flower.engine import FLOWER_ENV
+    from fedlora.engines.flower.environment import FLOWER_ENV
 
     repo = Path(__file__).resolve().parents[1]
     home = tmp_path / "flwr-home"
@@ -259,14 +259,14 @@ def test_an_old_flower_is_refused_before_anything_starts(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.20.3")
     cfg = config.load_config(None, ["data.num_clients=2", "federation.engine=flower-simulation"])
     with pytest.raises(RuntimeError, match=r"flwr 1\.20\.3 is installed; the Flower engines need flwr>=1\.41"):
-        runner.run(cfg, tmp_path / "run")
+        engines.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 def test_free_ports_are_distinct_and_bindable():
     import socket
 
-    from fedlora.flower.deployment import free_ports
+    from fedlora.engines.flower.deployment import free_ports
 
     ports = free_ports(3)
     assert len(set(ports)) == 3
@@ -278,13 +278,13 @@ def test_free_ports_are_distinct_and_bindable():
 def test_deployment_app_pyproject_carries_the_run_config(tmp_path):
     import tomllib
 
-    from fedlora.flower.deployment import app_pyproject
+    from fedlora.engines.flower.deployment import app_pyproject
 
     cfg = config.load_config(None, ["data.num_clients=2", "model.lora.ranks=[4, 8]", "federation.method=flexlora"])
     app = tomllib.loads(app_pyproject(cfg))["tool"]["flwr"]["app"]
     assert app["components"] == {
-        "serverapp": "fedlora.flower.server_app:app",
-        "clientapp": "fedlora.flower.client_app:app",
+        "serverapp": "fedlora.engines.flower.server_app:app",
+        "clientapp": "fedlora.engines.flower.client_app:app",
     }
     assert records.from_run_config(app["config"]) == cfg
 
@@ -292,7 +292,7 @@ def test_deployment_app_pyproject_carries_the_run_config(tmp_path):
 @pytest.fixture
 def started(monkeypatch) -> list[int]:
     """The PIDs of every process a deployment started, collected when it stops them."""
-    from fedlora.flower import deployment
+    from fedlora.engines.flower import deployment
 
     pids: list[int] = []
     real_stop = deployment.Processes.stop
@@ -333,7 +333,7 @@ def test_deployment_survives_a_killed_supernode_and_stops_every_process(rt_csv, 
     killed: list[int] = []
     killer = threading.Thread(target=_kill_node_after_round, args=(tmp_path / "run", "supernode-2", 1, killed))
     killer.start()
-    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    run_dir, summary = engines.run(cfg, tmp_path / "run")
     killer.join(5)
     assert killed, "the SuperNode was never killed"
     first, second = read_records(run_dir)
@@ -352,7 +352,7 @@ def test_deployment_survives_a_killed_supernode_and_stops_every_process(rt_csv, 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_deployment_fails_cleanly_when_supernodes_cannot_reach_the_superlink(rt_csv, tmp_path, monkeypatch, started):
-    from fedlora.flower import deployment
+    from fedlora.engines.flower import deployment
 
     dead_port = deployment.free_ports(1)[0]  # nothing listens there
     real_argv = deployment.supernode_argv
@@ -363,7 +363,7 @@ def test_deployment_fails_cleanly_when_supernodes_cannot_reach_the_superlink(rt_
     cfg = tiny(rt_csv, tmp_path / "run", "federation.engine=flower-deployment")
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="every SuperNode exited before the run finished"):
-        runner.run(cfg, tmp_path / "run")
+        engines.run(cfg, tmp_path / "run")
     assert time.monotonic() - t0 < 200
     assert len(started) == 4
     _assert_all_gone(started)
@@ -393,7 +393,7 @@ def _alive(pid: int) -> bool:
     return bool(state.strip()) and not state.strip().startswith("Z")
 
 
-def test_runner_dispatches_to_flower_and_deployment_refuses_to_resume(tmp_path):
+def test_engines_dispatch_to_flower_and_deployment_refuses_to_resume(tmp_path):
     cfg = config.load_config(None, ["data.num_clients=2", "federation.engine=flower-deployment"])
     with pytest.raises(ValueError, match="cannot resume"):
-        runner.run(cfg, tmp_path / "run", resume=True)
+        engines.run(cfg, tmp_path / "run", resume=True)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import RawClient, ideal, make_clients, read_records, tiny_config
-from fedlora import config, methods, peft_io, runner
+from fedlora import config, engines, methods, peft_io
+from fedlora.experiment import build
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.payload import pack_adapter, unpack_adapter, unpack_base_edits
 from fedlora.types import Contribution, Payload
@@ -499,7 +500,7 @@ def test_inputs_and_server_state_are_never_mutated(name):
 )
 def test_two_clients_two_rounds_on_minilm(rt_csv, tmp_path, method, extra):
     cfg = tiny_config(rt_csv, tmp_path / "run", f"federation.method={method}", *extra)
-    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    run_dir, summary = engines.run(cfg, tmp_path / "run")
     records = read_records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     assert all(0.0 <= r["global_accuracy"] <= 1.0 and math.isfinite(r["divergence"]) for r in records)
@@ -509,7 +510,7 @@ def test_two_clients_two_rounds_on_minilm(rt_csv, tmp_path, method, extra):
     assert summary["rounds"] == 2
 
 
-def test_frlora_runner_fills_base_weights_in_out_in_layout():
+def test_frlora_experiment_fills_base_weights_in_out_in_layout():
     """peft_io.base_weights (the W0 copy FRLoRA needs): (out, in) for nn.Linear, transposed for GPT-2 Conv1D."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -526,8 +527,6 @@ def test_frlora_runner_fills_base_weights_in_out_in_layout():
 @pytest.mark.integration
 def test_frlora_initial_edit_and_anchors_leave_minilm_logits_unchanged(rt_csv, tmp_path):
     """On the real model (α = 16 ≠ r = 8): W0 − s·B0A0 with the adapter at (B0, A0) gives the original logits."""
-    from fedlora.training import apply_plan
-
     cfg = config.load_config(
         None,
         [
@@ -539,7 +538,7 @@ def test_frlora_initial_edit_and_anchors_leave_minilm_logits_unchanged(rt_csv, t
             f"output.dir={tmp_path / 'run'}",
         ],
     )
-    exp = runner.setup(cfg)
+    exp = build(cfg)
     assert exp.info.base_weights is not None and exp.info.scales is not None
     batch = {k: v[:16] for k, v in exp.test.items() if k != "labels"}
     exp.model.eval()
@@ -548,7 +547,7 @@ def test_frlora_initial_edit_and_anchors_leave_minilm_logits_unchanged(rt_csv, t
     state = exp.method.init_server(exp.info, cfg.seed)
     info = exp.client_info(0)
     plan, _ = exp.method.prepare(None, exp.method.broadcast(state, info, 1), info, 1)
-    apply_plan(exp.model, plan, seed=0)
+    peft_io.load_plan(exp.model, plan, seed=0)
     exp.model.eval()
     with torch.no_grad():
         after = exp.model(**batch).logits

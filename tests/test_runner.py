@@ -19,8 +19,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import read_records, tiny_config
-from fedlora import config, runner
+from fedlora import client, config, engines, evaluation, server
 from fedlora.cli import app
+from fedlora.engines import inprocess
+from fedlora.experiment import build
+from fedlora.types import RunState
 
 pytestmark = pytest.mark.integration
 REQUIRED = {"round", "global_accuracy", "global_loss", "local_accuracy", "local_global_gap", "divergence"}
@@ -37,7 +40,7 @@ def test_run_writes_metrics_adapter_summary(rt_csv, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=flora_na")
-    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    run_dir, summary = engines.run(cfg, tmp_path / "run")
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     assert all(set(r) >= REQUIRED for r in records)
@@ -52,12 +55,12 @@ def test_run_writes_metrics_adapter_summary(rt_csv, tmp_path):
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     assert sum("lora_A" in n for n, _ in model.named_parameters()) == 12
     with pytest.raises(FileExistsError, match="already holds a run"):
-        runner.run(cfg, tmp_path / "run")
+        engines.run(cfg, tmp_path / "run")
 
 
 def test_base_editing_method_with_partial_participation(rt_csv, tmp_path):
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=flora", "federation.clients_per_round=2")
-    run_dir, _ = runner.run(cfg, tmp_path / "run")
+    run_dir, _ = engines.run(cfg, tmp_path / "run")
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["clients"]) == 2 for r in records)
     assert all(r["divergence"] < 1e-5 for r in records)  # exact
@@ -65,35 +68,35 @@ def test_base_editing_method_with_partial_participation(rt_csv, tmp_path):
 
 
 def test_a_failing_client_is_left_out_and_recorded(rt_csv, tmp_path, monkeypatch):
-    real = runner.train_client
+    real = client.train_client
 
-    def flaky(model, plan, data, settings, seed):
+    def flaky(model, loss, plan, data, settings, seed):
         if data is flaky.bad:
             raise RuntimeError("simulated crash")
-        return real(model, plan, data, settings, seed)
+        return real(model, loss, plan, data, settings, seed)
 
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "data.partition=iid")
-    exp = runner.setup(cfg)
+    exp = build(cfg)
     flaky.bad = exp.clients[1].train
-    monkeypatch.setattr(runner, "train_client", flaky)
-    state = runner.RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
-    runner.run_round(exp, state, 1)
+    monkeypatch.setattr(client, "train_client", flaky)
+    state = RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
+    inprocess.run_round(exp, state, 1)
     (record,) = state.records
     assert 1 in record["failed_clients"] and "simulated crash" in record["failed_clients"][1]
     assert 1 not in record["clients"] and len(record["clients"]) == 2
     exp.cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.min_clients=3")
     with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 3"):
-        runner.run_round(exp, state, 2)
+        inprocess.run_round(exp, state, 2)
 
 
 @pytest.mark.timeout(600)
 def test_worker_processes_give_the_same_results_as_the_main_process(rt_csv, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "EVAL_CHUNK", 16)  # the global test set evaluated in several tasks on the pool
-    seq, _ = runner.run(tiny(rt_csv, tmp_path / "seq", "federation.method=fedex_lora"), tmp_path / "seq")
+    monkeypatch.setattr(evaluation, "EVAL_CHUNK", 16)  # the global test set evaluated in several tasks on the pool
+    seq, _ = engines.run(tiny(rt_csv, tmp_path / "seq", "federation.method=fedex_lora"), tmp_path / "seq")
     par_cfg = config.with_overrides(
         tiny(rt_csv, tmp_path / "par", "federation.method=fedex_lora"), ["federation.workers=2"]
     )
-    par, _ = runner.run(par_cfg, tmp_path / "par")
+    par, _ = engines.run(par_cfg, tmp_path / "par")
     a, b = _records_without_timings(seq), _records_without_timings(par)
     for ra, rb in zip(a, b, strict=True):
         assert ra.keys() == rb.keys()
@@ -233,21 +236,21 @@ def test_stateful_methods_give_the_same_results_on_workers_and_across_a_resume(
     """Client and server state survive the worker processes and the checkpoint: 2 rounds in the main process
     equal 2 rounds on two workers that stop after round 1 and resume from the saved state."""
     args = [f"federation.method={method}", *extra]
-    plain, _ = runner.run(tiny_config(rt_csv, tmp_path / "plain", *args), tmp_path / "plain")
+    plain, _ = engines.run(tiny_config(rt_csv, tmp_path / "plain", *args), tmp_path / "plain")
     cfg = tiny_config(rt_csv, tmp_path / "resumed", *args, "federation.workers=2")
-    real_round = runner.run_round
+    real_round = inprocess.run_round
 
     def stop_before_round_2(exp, state, rnd, *a, **k):
         if rnd == 2:
             raise KeyboardInterrupt
         return real_round(exp, state, rnd, *a, **k)
 
-    monkeypatch.setattr(runner, "run_round", stop_before_round_2)
+    monkeypatch.setattr(inprocess, "run_round", stop_before_round_2)
     with pytest.raises(KeyboardInterrupt):
-        runner.run(cfg, tmp_path / "resumed")
+        engines.run(cfg, tmp_path / "resumed")
     assert len(read_records(tmp_path / "resumed")) == 1
-    monkeypatch.setattr(runner, "run_round", real_round)
-    resumed, _ = runner.run(cfg, tmp_path / "resumed", resume=True)
+    monkeypatch.setattr(inprocess, "run_round", real_round)
+    resumed, _ = engines.run(cfg, tmp_path / "resumed", resume=True)
     a, b = _records_without_timings(plain), _records_without_timings(resumed)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b, strict=True):
@@ -301,11 +304,11 @@ def test_eval_every_skips_rounds_and_leaves_evaluated_rounds_unchanged(rt_csv, t
     round 1, and the evaluated rounds equal those of a run that evaluates every round: evaluation draws no random
     numbers and changes no state, so training is the same."""
     common = ("federation.method=fedit", "federation.rounds=3", "train.local_steps=1")
-    full_dir, _ = runner.run(tiny(rt_csv, tmp_path / "full", *common), tmp_path / "full")
-    every_dir, summary = runner.run(tiny(rt_csv, tmp_path / "every", *common, "eval.every=2"), tmp_path / "every")
+    full_dir, _ = engines.run(tiny(rt_csv, tmp_path / "full", *common), tmp_path / "full")
+    every_dir, summary = engines.run(tiny(rt_csv, tmp_path / "every", *common, "eval.every=2"), tmp_path / "every")
     full, every = read_records(full_dir), read_records(every_dir)
     assert [r["evaluated"] for r in every] == [False, True, True]
-    assert all(every[0][k] is None for k in runner.EVALUATION_KEYS)
+    assert all(every[0][k] is None for k in server.evaluation_keys(build(tiny(rt_csv, tmp_path / "x"))))
     for f, e in zip(full, every, strict=True):
         assert e["divergence"] == f["divergence"] and e["bytes_up"] == f["bytes_up"]
         if e["evaluated"]:
@@ -319,13 +322,13 @@ def test_eval_max_examples_subsamples_client_splits_once_and_the_baselines(rt_cs
     """eval.max_examples keeps a seeded subset of each client's test split (the same subset for every build of
     the experiment), never the global test set; majority_share is the test set's most frequent label share."""
     cfg = tiny(rt_csv, tmp_path / "run", "eval.max_examples=5")
-    exp, again, full = runner.setup(cfg), runner.setup(cfg), runner.setup(tiny(rt_csv, tmp_path / "full"))
+    exp, again, full = build(cfg), build(cfg), build(tiny(rt_csv, tmp_path / "full"))
     for c in range(3):
         sub, whole = exp.clients[c].test["input_ids"], full.clients[c].test["input_ids"]
         assert sub.shape[0] == min(5, whole.shape[0]) and torch.equal(sub, again.clients[c].test["input_ids"])
         assert all(any(torch.equal(row, w) for w in whole) for row in sub)  # a subset of the client's own split
     assert torch.equal(exp.test["labels"].sort().values, full.test["labels"].sort().values)
     labels = exp.test["labels"]
-    assert exp.majority_share == pytest.approx(torch.bincount(labels).max().item() / len(labels))
+    assert exp.baseline == pytest.approx(torch.bincount(labels).max().item() / len(labels))
     local = exp.clients[0].test["labels"]
-    assert exp.clients[0].majority_share == pytest.approx(torch.bincount(local).max().item() / len(local))
+    assert exp.clients[0].baseline == pytest.approx(torch.bincount(local).max().item() / len(local))

@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from conftest import read_records, tiny_config, tiny_peft
-from fedlora import methods, peft_io, runner, training
+from fedlora import engines, methods, peft_io, tasks, training
 from fedlora.methods import server_opt
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.methods.fslora import draw_sketch
 from fedlora.payload import pack_adapter, pack_extras
 from fedlora.types import Contribution, LowRank, Payload, TrainPlan
+
+SEQ_CLS = tasks.get("seq_cls")
 
 SHAPES = {"q": (6, 5), "v": (4, 7)}
 RANK = 4
@@ -475,9 +477,9 @@ def test_grad_masks_keep_masked_entries_bit_identical_under_adamw_with_weight_de
     settings = training.TrainSettings(lr=0.05, weight_decay=0.5, max_grad_norm=1.0, batch_size=4, local_steps=3)
 
     def run(plan):
-        training.apply_plan(model, plan, seed=0)
+        peft_io.load_plan(model, plan, seed=0)
         initial = {m: (A.detach().clone(), B.detach().clone()) for m, (A, B) in peft_io.lora_parameters(model).items()}
-        training.train_client(model, plan, data, settings, seed=0)
+        training.train_client(model, SEQ_CLS.loss, plan, data, settings, seed=0)
         return initial, {m: (A.detach(), B.detach()) for m, (A, B) in peft_io.lora_parameters(model).items()}
 
     initial, after = run(TrainPlan(rank=4, adapter=adapter, grad_masks=masks))
@@ -504,7 +506,7 @@ def test_fslora_client_trains_the_global_b_columns_through_peft():
     info = ClientInfo(0, 4)
     download = method.broadcast(state, info, 1)
     plan, _ = method.prepare(None, download, info, 1)
-    training.apply_plan(model, plan, seed=0)
+    peft_io.load_plan(model, plan, seed=0)
     s_global = 6.0 / 4
     for m, (A, B) in peft_io.lora_parameters(model).items():
         idx = download.tensors[f"lora.{m}.B.indices"].long()
@@ -524,9 +526,8 @@ def test_grad_masks_with_a_wrong_shape_fail_clearly():
         "labels": torch.zeros(2, dtype=torch.long),
     }
     with pytest.raises(ValueError, match=r"grad_masks.*A: mask shape \(3, 32\), expected.*\(4, 32\)"):
-        training.train_client(
-            model, TrainPlan(rank=4, adapter=None, grad_masks=bad), data, training.TrainSettings(local_steps=1), 0
-        )
+        plan = TrainPlan(rank=4, adapter=None, grad_masks=bad)
+        training.train_client(model, SEQ_CLS.loss, plan, data, training.TrainSettings(local_steps=1), 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,7 +535,7 @@ def test_grad_masks_with_a_wrong_shape_fail_clearly():
 
 
 def run_tiny(rt_csv: Path, out: Path, *extra: str) -> list[dict]:
-    run_dir, summary = runner.run(tiny_config(rt_csv, out, *extra), out)
+    run_dir, summary = engines.run(tiny_config(rt_csv, out, *extra), out)
     records = read_records(run_dir)
     assert [r["round"] for r in records] == [1, 2] and summary["rounds"] == 2
     assert all(0.0 <= r["global_accuracy"] <= 1.0 and math.isfinite(r["global_loss"]) for r in records)

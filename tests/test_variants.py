@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from conftest import read_records, tiny_bert, tiny_config, tiny_gpt2
-from fedlora import methods, peft_io, runner
+from fedlora import engines, methods, peft_io
 from fedlora.config import ConfigError, load_config
 from fedlora.methods.base import ClientInfo, GlobalModel, ModelInfo
 from fedlora.types import AggregationReport, BaseEdit, Contribution, LowRank
@@ -325,7 +325,7 @@ def test_methods_declare_their_variants() -> None:
 @pytest.mark.parametrize("name", ["flora_na", "fedit"])
 def test_two_clients_two_rounds_on_minilm(rt_csv: Path, tmp_path: Path, variant: str, name: str) -> None:
     cfg = tiny_config(rt_csv, tmp_path / "run", f"federation.method={name}", f"model.lora.variant={variant}")
-    run_dir, summary = runner.run(cfg, tmp_path / "run")
+    run_dir, summary = engines.run(cfg, tmp_path / "run")
     records = read_records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     assert all(0.0 <= r["global_accuracy"] <= 1.0 for r in records)

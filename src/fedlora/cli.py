@@ -80,14 +80,14 @@ def _describe(cfg: Any) -> str:
 
 
 def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
-    from fedlora import config, runner
+    from fedlora import config, engines
 
     console.print(("resuming " if resume else "") + _describe(cfg))
     if warning := config.emulated_bf16_warning(cfg.model.precision):
         console.print(f"[bold yellow]warning:[/] {warning}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        return runner.run(cfg, run_dir, resume, RichProgress(progress, cfg.federation.rounds))
+        return engines.run(cfg, run_dir, resume, RichProgress(progress, cfg.federation.rounds))
 
 
 def _summary_table(rows: dict[str, dict[str, Any]]) -> Table:
@@ -118,7 +118,7 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="Continue the run saved in this directory.")] = None,
 ) -> None:
     """Run a federated experiment: fedlora run [CONFIG.toml] [key=value ...]. No arguments: the default."""
-    from fedlora import config, runner
+    from fedlora import config, rundir
 
     path, overrides = _split_config_args(list(ctx.args))
     try:
@@ -129,7 +129,7 @@ def run(
             run_dir, summary = _execute(cfg, resume, True)
         else:
             cfg = config.load_config(path, overrides)
-            run_dir, summary = _execute(cfg, runner.default_run_dir(cfg), False)
+            run_dir, summary = _execute(cfg, rundir.default_run_dir(cfg), False)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     console.print(_summary_table({cfg.federation.method: summary}))
@@ -173,9 +173,9 @@ def compare(
 
 
 def _compare_one(cfg: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
-    from fedlora import config, runner
+    from fedlora import config, rundir
 
-    if not resume or not (run_dir / runner.CHECKPOINT).exists():
+    if not resume or not (run_dir / rundir.CHECKPOINT).exists():
         return _execute(cfg, run_dir, False)[1]
     saved = (run_dir / "config.toml").read_text()
     if saved != config.dump_toml(cfg):

@@ -54,6 +54,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -65,7 +66,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from fedlora.methods.base import ModuleSpec, fresh_adapter
-from fedlora.types import Adapter, BaseEdit, Factor, LowRank
+from fedlora.types import Adapter, BaseEdit, Factor, LowRank, TrainPlan
 
 Task = Literal["seq_cls", "causal_lm"]
 Variant = Literal["lora", "dora", "hira"]
@@ -461,11 +462,11 @@ def write_adapter(
         raise RuntimeError(f"write_adapter: PEFT did not load {sorted(result.unexpected_keys)[:4]}")
 
 
-def lora_parameters(peft_model: PeftModel) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+def lora_parameters(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
     """The live (A, B) parameters of the active adapter per module (PEFT's lora_A/lora_B weights, or hira_A/hira_B),
     for training-time penalties."""
     adapter = peft_model.active_adapter
-    out: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+    out: dict[str, tuple[Tensor, Tensor]] = {}
     for n, m in _lora_layers(peft_model).items():
         if isinstance(m, HiraLayer):
             out[n] = (m.hira_A[adapter], m.hira_B[adapter])
@@ -491,7 +492,8 @@ def _role(param_name: str, adapter: str) -> str | None:
 
 
 def set_trainable(peft_model: PeftModel, factors: frozenset[Factor], train_extras: bool = True) -> None:
-    """requires_grad = True exactly for the chosen LoRA factors and (``train_extras``) the extras."""
+    """requires_grad = True exactly for the chosen LoRA factors and (``train_extras``) the extras (cores: see
+    ``load_plan``)."""
     unknown = set(factors) - {"A", "B"}
     if unknown:
         raise ValueError(f"set_trainable: unknown factors {sorted(unknown)}; expected a subset of ['A', 'B']")
@@ -805,4 +807,141 @@ def merge_to_base(
     out = Path(out_dir)
     merged.save_pretrained(str(out))
     load_tokenizer(base_model_name_or_path).save_pretrained(str(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One plan's adapter in the model: the training loop's handle
+
+
+class _Core(nn.Module):
+    """Parametrisation B ↦ B·C of a LoRA B weight (d, r): the r×r core of a tri-factor adapter ΔW = s·B·C·A."""
+
+    def __init__(self, core: Tensor) -> None:
+        super().__init__()
+        self.core = nn.Parameter(core.detach().to(torch.float32).clone())
+
+    def forward(self, B: Tensor) -> Tensor:
+        return B @ self.core
+
+
+@dataclass(frozen=True)
+class _Masked:
+    """Entries of one live LoRA parameter that must not move: ``keep`` marks those that train."""
+
+    param: nn.Parameter
+    keep: Tensor
+    initial: Tensor
+
+
+CORE_SUFFIX = ".lora_core"
+"""Extras name of a trained tri-factor core: ``<module>.lora_core`` (r, r), as DoRA magnitudes are
+``<module>.lora_magnitude_vector``."""
+
+
+@dataclass(frozen=True)
+class LiveAdapter:
+    """One plan's adapter inside the model, from ``load_plan`` to ``read``: the parameters that train, the gradient
+    masks and the cores of a tri-factor plan. The training loop touches the PEFT edge only through this handle."""
+
+    model: PeftModel
+    parameters: list[nn.Parameter]
+    masked: list[_Masked]
+    cores: dict[str, nn.Parameter]
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The live (A (r, k), B (d, r)) of every module as PEFT holds them, for training penalties (B·C where the
+        plan has cores)."""
+        return lora_parameters(self.model)
+
+    def mask_gradients(self) -> None:
+        """Zero the gradients of masked entries (before clipping, so they do not count in the norm)."""
+        for m in self.masked:
+            if m.param.grad is not None:
+                m.param.grad.mul_(m.keep)
+
+    @torch.no_grad()
+    def restore_masked(self) -> None:
+        """Put masked entries back, bit for bit: AdamW's decoupled weight decay moves entries with zero gradient."""
+        for m in self.masked:
+            m.param.copy_(torch.where(m.keep, m.param, m.initial))
+
+    def read(self) -> tuple[dict[str, LowRank], dict[str, Tensor]]:
+        """The trained adapter in canonical form and the extras. A core C is returned as the extra
+        ``<module>.lora_core`` and folded into B (B ← B·C) in the model too, so that the model keeps applying
+        exactly what was trained (local evaluation), the adapter is B̃·C, A, and the model holds a plain LoRA."""
+        cores = {f"{m}{CORE_SUFFIX}": c.detach().to(torch.float32, copy=True) for m, c in self.cores.items()}
+        _remove_cores(self.model, fold=True)
+        adapter, extras = read_adapter(self.model)
+        return adapter, extras | cores
+
+
+def load_plan(peft_model: PeftModel, plan: TrainPlan, seed: int) -> LiveAdapter:
+    """Bring the model to ``plan`` and return the handle the training loop works with.
+
+    In order: base edits newer than the model's (idempotent by version), the adapter at the plan's rank (a fresh
+    PEFT-style init seeded by ``seed`` when ``plan.adapter`` is None) and extras, the cores of a tri-factor plan
+    (``B ↦ B·C`` on each module's B), which factors train (``plan.trainable``; C only with cores), and the gradient
+    masks bound to the live parameters (checked: known modules, exact shapes).
+    """
+    _remove_cores(peft_model, fold=False)
+    if "C" in plan.trainable and not plan.cores:
+        raise ValueError("TrainPlan.trainable has 'C' but the plan has no cores (TrainPlan.cores)")
+    if plan.cores and plan.grad_masks:
+        raise ValueError("TrainPlan: cores and grad_masks cannot be combined (the masks bind B itself)")
+    apply_base_edits(peft_model, plan.base_edits)
+    write_adapter(peft_model, plan.adapter, plan.extras, rank=plan.rank, seed=seed)
+    set_trainable(peft_model, frozenset(plan.trainable - {"C"}))
+    cores = _add_cores(peft_model, plan.cores or {}, plan.rank)
+    for core in cores.values():
+        core.requires_grad_("C" in plan.trainable)
+    parameters = [p for p in peft_model.parameters() if p.requires_grad]
+    masked = _masked_entries(peft_model, plan.grad_masks)
+    return LiveAdapter(peft_model, parameters, masked, cores)
+
+
+def _add_cores(peft_model: PeftModel, cores: Mapping[str, Tensor], rank: int) -> dict[str, nn.Parameter]:
+    adapter, layers = peft_model.active_adapter, _lora_layers(peft_model)
+    unknown = sorted(set(cores) - set(layers))
+    if unknown:
+        raise ValueError(f"TrainPlan.cores: modules {unknown[:4]} are not adapted (adapted: {sorted(layers)[:4]} …)")
+    out = {}
+    for module, core in sorted(cores.items()):
+        layer = layers[module]
+        if isinstance(layer, HiraLayer):
+            raise ValueError(f"TrainPlan.cores: module {module!r} is a HiRA layer; cores need LoRA layers")
+        if tuple(core.shape) != (rank, rank):
+            raise ValueError(
+                f"TrainPlan.cores[{module!r}]: shape {tuple(core.shape)}, expected (r, r) = {(rank, rank)}"
+            )
+        parametrize.register_parametrization(layer.lora_B[adapter], "weight", _Core(core))
+        out[module] = layer.lora_B[adapter].parametrizations.weight[0].core
+    return out
+
+
+def _remove_cores(peft_model: PeftModel, fold: bool) -> None:
+    """Drop every core (``fold``: B keeps the value B·C; otherwise B returns to its own value)."""
+    adapter = peft_model.active_adapter
+    for layer in _lora_layers(peft_model).values():
+        if isinstance(layer, LoraLayer) and parametrize.is_parametrized(layer.lora_B[adapter], "weight"):
+            parametrize.remove_parametrizations(layer.lora_B[adapter], "weight", leave_parametrized=fold)
+
+
+def _masked_entries(peft_model: PeftModel, masks: Mapping[str, tuple[Tensor, Tensor]] | None) -> list[_Masked]:
+    """The plan's ``grad_masks`` bound to the live PEFT parameters (checked: known modules, exact shapes)."""
+    if not masks:
+        return []
+    live = lora_parameters(peft_model)
+    unknown = sorted(set(masks) - set(live))
+    if unknown:
+        raise ValueError(f"TrainPlan.grad_masks: modules {unknown[:4]} are not adapted (adapted: {sorted(live)[:4]} …)")
+    out = []
+    for module, pair in sorted(masks.items()):
+        for factor, param, mask in zip("AB", live[module], pair, strict=True):
+            if tuple(mask.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"TrainPlan.grad_masks[{module!r}] {factor}: mask shape {tuple(mask.shape)}, expected the "
+                    f"parameter's {tuple(param.shape)}"
+                )
+            out.append(_Masked(param, mask.to(torch.bool), param.detach().clone()))
     return out

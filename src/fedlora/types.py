@@ -15,7 +15,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-Factor = Literal["A", "B"]
+Factor = Literal["A", "B", "C"]
+"""A, B: the LoRA factors; C: the r×r core of a tri-factor adapter ΔW = s·B·C·A (``TrainPlan.cores``)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,10 @@ class TrainPlan:
         (1/True: the entry trains, 0/False: it stays bit-identical to its initial value). The shared loop zeroes
         the masked gradients before clipping and restores the masked entries after every optimizer step, so
         neither AdamW's weight decay nor its moments move them (FLASC's ``freeze_to_mask``).
+    cores: optional r×r core C per module for a tri-factor adapter ΔW = B̃·C·A (B̃ canonical, scale folded in;
+        C unscaled); ``"C"`` in ``trainable`` trains it. Training returns each trained core as the extra
+        ``<module>.lora_core`` and the adapter with C folded into B̃ (B̃·C), so that evaluation and saving see a
+        plain LoRA update.
     """
 
     rank: int
@@ -144,6 +149,7 @@ class TrainPlan:
     trainable: frozenset[Factor] = frozenset({"A", "B"})
     regularizer: Regularizer | None = None
     grad_masks: Mapping[str, tuple[Tensor, Tensor]] | None = None
+    cores: Mapping[str, Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -203,3 +209,15 @@ class AggregationReport:
     @property
     def fedit(self) -> float:
         return self._overall("fedit")
+
+
+@dataclass
+class RunState:
+    """Where a run stands, and what a checkpoint holds: the next round, the method's server state, the client
+    states the server keeps (in process: every client's; on Flower: None, or what nodes report), and the metrics
+    records so far. Mutable: the engines advance it round by round."""
+
+    next_round: int
+    server: Any
+    clients: dict[int, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)

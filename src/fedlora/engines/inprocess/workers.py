@@ -1,8 +1,9 @@
 """Clients of a round in parallel worker processes (the in-process engine's ``federation.workers``).
 
 Each worker builds its own copy of the experiment (model, tokenised data) once, runs with one torch thread,
-and serves two kinds of task over a pipe: train one client (prepare → train → local evaluation → upload, the
-same ``runner.train_one`` the sequential path calls) and evaluate the global model on some of the test sets.
+and serves two kinds of task over a pipe: one client's round (prepare → train → local evaluation → upload, the
+same ``fedlora.client.client_round`` the sequential path calls) and the global model's evaluation sums on some
+evaluation targets (``fedlora.evaluation``).
 The main process keeps every piece of state: it computes each client's download, sends each worker the base
 edits it has not applied yet, collects outcomes, and aggregates them in client order, so the results do not
 depend on which worker ran which client. Workers are stopped (by PID, with a timeout) on exit or failure.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -35,20 +36,23 @@ class TrainTask:
 
 @dataclass(frozen=True)
 class EvalTask:
-    """Evaluate the global model (adapter + head; base edits are synced separately) on named sets:
-    ("test", start, stop) slices of the global test set, ("client", c) a client's own test split."""
+    """Evaluate the global model (adapter + head; base edits are synced separately) on evaluation targets
+    (``fedlora.evaluation.targets``)."""
 
     adapter: Any
     extras: Any
     targets: tuple[tuple[Any, ...], ...]
+    full: bool = True
 
 
 def _worker_main(conn: Connection, cfg: Any) -> None:
-    from fedlora import peft_io, runner
-    from fedlora.training import evaluate_sums
+    from fedlora import peft_io
+    from fedlora.client import client_round
+    from fedlora.evaluation import sums, target_set
+    from fedlora.experiment import build
 
     torch.set_num_threads(1)
-    exp = runner.setup(cfg)
+    exp = build(cfg)
     conn.send(("ready", None))
     while True:
         kind, payload = conn.recv()
@@ -58,11 +62,10 @@ def _worker_main(conn: Connection, cfg: Any) -> None:
             edits, task = payload
             peft_io.apply_base_edits(exp.model, edits)
             if isinstance(task, TrainTask):
-                result: Any = runner.train_one(exp, task.download, task.client_state, task.client, task.rnd)
+                result: Any = client_round(exp, task.download, task.client_state, task.client, task.rnd)
             else:
                 peft_io.write_adapter(exp.model, task.adapter, task.extras, rank=exp.info.rank, seed=cfg.seed)
-                precision = cfg.model.precision
-                result = {t: evaluate_sums(exp.model, runner.eval_set(exp, t), precision) for t in task.targets}
+                result = {t: sums(exp, target_set(exp, t), task.full) for t in task.targets}
             conn.send(("ok", result))
         except Exception:
             conn.send(("error", traceback.format_exc(limit=4)))
@@ -107,8 +110,11 @@ class WorkerPool:
         if new:
             self.versions[w] = new[-1].version
 
-    def map(self, tasks: Sequence[Any], edits: Sequence[BaseEdit]) -> list[tuple[str, Any]]:
-        """Run tasks on free workers as they come free; results in task order, each ("ok"|"error", value)."""
+    def map(
+        self, tasks: Sequence[Any], edits: Sequence[BaseEdit], on_done: Callable[[int], None] | None = None
+    ) -> list[tuple[str, Any]]:
+        """Run tasks on free workers as they come free; results in task order, each ("ok"|"error", value).
+        ``on_done(i)`` is called as task i finishes (progress)."""
         results: list[tuple[str, Any] | None] = [None] * len(tasks)
         pending = list(enumerate(tasks))
         busy: dict[Connection, tuple[int, int]] = {}
@@ -121,6 +127,8 @@ class WorkerPool:
             for conn in wait(list(busy)):
                 w, i = busy.pop(conn)  # type: ignore[arg-type]
                 results[i] = self._recv(conn)  # type: ignore[arg-type]
+                if on_done is not None:
+                    on_done(i)
                 if pending and self.procs[w].is_alive():
                     j, task = pending.pop(0)
                     self._send(w, task, edits)

@@ -4,13 +4,15 @@ Message types (``group_id`` is the round):
 
 - ``query``: reply with the node's ``partition-id`` (the server maps node ids to clients with it; no model is
   built for it).
-- ``train``: the client's download (records ``arrays`` + ``meta``, see :mod:`fedlora.flower.records`) →
-  ``runner.train_one`` (the method's ``prepare`` → the shared training loop → local evaluation → ``upload``) →
-  reply with the upload and the metrics (``num-examples``, ``local-accuracy``, ``train-loss``, timings,
-  ``base-version``), plus the method's ``evaluation_report`` of the new client state when it has one
-  (record ``fedlora.report``: what the server needs for ``evaluation_model``, e.g. FedSA-LoRA's own B).
-- ``evaluate``: the exported global model (adapter, head, the base edits the node has not applied) → accuracy of
-  the global model on the node's own test split, as the in-process runner measures it (``runner.load_global``).
+- ``train``: the client's download (records ``arrays`` + ``meta``, see :mod:`fedlora.engines.flower.records`) →
+  ``fedlora.client.client_round`` (the method's ``prepare`` → the shared training loop → local evaluation →
+  ``upload``) → reply with the upload and the metrics (``num-examples``, ``local-<metric>`` of the task in a round
+  that evaluates, ``train-loss``, timings, ``base-version``), plus the method's ``evaluation_report`` of the new
+  client state when it has one (record ``fedlora.report``: what the server needs for ``evaluation_model``, e.g.
+  FedSA-LoRA's own B).
+- ``evaluate``: the exported global model (adapter, head, the base edits the node has not applied) → the task's
+  metrics of the global model on the node's own test split, as every engine measures them
+  (``fedlora.evaluation``).
 
 Every message also carries the experiment config (record ``fedlora.config``, Flower's run config form) and a
 ``fedlora.task`` record naming the client. The node builds its ``Experiment`` once per process, config and client
@@ -35,7 +37,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.flower import records
+from fedlora.engines.flower import records
 
 CONFIG, TASK = "fedlora.config", "fedlora.task"
 CLIENT_STATE, BASE_EDITS = "fedlora.client_state", "fedlora.base_edits"
@@ -63,7 +65,7 @@ def _experiment(msg: Message, context: Context) -> tuple[Any, int, int]:
     """(the node's cached Experiment, its client id, the round) after checking the message names this node."""
     import torch
 
-    from fedlora import runner
+    from fedlora.experiment import build
 
     task = msg.content.config_records[TASK]
     c, rnd = int(task["client"]), int(task["round"])
@@ -75,7 +77,7 @@ def _experiment(msg: Message, context: Context) -> tuple[Any, int, int]:
         torch.set_num_threads(1)
         while len(_EXPERIMENTS) >= MAX_EXPERIMENTS:  # a simulation actor serves several nodes in turn
             del _EXPERIMENTS[next(iter(_EXPERIMENTS))]
-        _EXPERIMENTS[key] = runner.setup(records.from_run_config(flat), clients=(c,))
+        _EXPERIMENTS[key] = build(records.from_run_config(flat), clients=(c,))
     exp = _EXPERIMENTS[key]
     _sync_base_edits(exp, context, {})
     return exp, c, rnd
@@ -101,7 +103,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedlora import peft_io, runner
+    from fedlora import peft_io
+    from fedlora.client import client_round
 
     task = msg.content.config_records[TASK]
     fail = str(task.get("fail", ""))
@@ -114,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
     download = records.record_payload(msg.content)
     stored = context.state.config_records.get(CLIENT_STATE)
     client_state = pickle.loads(stored["state"]) if stored is not None else exp.method.init_client(exp.client_info(c))
-    outcome = runner.train_one(exp, download, client_state, c, rnd)
+    outcome = client_round(exp, download, client_state, c, rnd)
     context.state[CLIENT_STATE] = ConfigRecord({"state": pickle.dumps(outcome.client_state)})
     _sync_base_edits(exp, context, dict(download.tensors))
     values = {
@@ -124,8 +127,8 @@ def train(msg: Message, context: Context) -> Message:
         "eval-seconds": outcome.eval_seconds,
         "base-version": peft_io.base_version(exp.model),
     }
-    if outcome.local_accuracy is not None:  # absent in a round that does not evaluate (eval.every)
-        values["local-accuracy"] = outcome.local_accuracy
+    if outcome.local is not None:  # absent in a round that does not evaluate (eval.every)
+        values |= {f"local-{k}": v for k, v in outcome.local.items()}
     metrics = MetricRecord(values)
     content = RecordDict({**records.payload_records(outcome.contribution.payload), "metrics": metrics})
     report = getattr(exp.method, "evaluation_report", None)  # e.g. FedSA-LoRA's own B and head, for evaluation
@@ -136,19 +139,18 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from fedlora import runner
+    from fedlora.evaluation import load_global, metrics
     from fedlora.methods.base import GlobalModel
     from fedlora.payload import unpack_adapter, unpack_base_edits, unpack_extras
-    from fedlora.training import evaluate as evaluate_model
 
     exp, c, _ = _experiment(msg, context)
+    full = bool(msg.content.config_records[TASK]["full"])
     model = records.record_payload(msg.content)
     _sync_base_edits(exp, context, dict(model.tensors))
     stored = context.state.array_records.get(BASE_EDITS)
     edits = unpack_base_edits(dict(stored.to_torch_state_dict())) if stored is not None and len(stored) else ()
     adapter = None if model.meta.get("fresh_init") else unpack_adapter(model.tensors, "global model")
     started = time.perf_counter()
-    runner.load_global(exp, GlobalModel(adapter, unpack_extras(model.tensors), edits))
-    accuracy, loss = evaluate_model(exp.model, exp.clients[c].test, exp.cfg.model.precision)
-    metrics = {"accuracy": accuracy, "loss": loss, "eval-seconds": time.perf_counter() - started}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    load_global(exp, GlobalModel(adapter, unpack_extras(model.tensors), edits))
+    values = metrics(exp, exp.clients[c].test, full) | {"eval-seconds": time.perf_counter() - started}
+    return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

@@ -1,15 +1,16 @@
-"""The fedlora ServerApp: a plain main loop over Flower's Grid / Message API around the in-process round logic.
+"""The fedlora ServerApp: a plain main loop over Flower's Grid / Message API around the shared server round.
 
-Each round runs ``runner.run_round`` (sampling, the ``federation.min_clients`` check, ``method.aggregate``, the
-metrics record) with a trainer and an evaluator that talk to the nodes:
+Each round samples clients and computes their downloads (``fedlora.server``), runs their client rounds on the
+nodes, then closes the round with ``fedlora.server.close_round`` (the ``federation.min_clients`` check,
+``method.aggregate``, the evaluation, the metrics record), exactly as the in-process engine does:
 
 - train: one ``train`` message per sampled client, built from ``method.broadcast(state, ClientInfo(c, rank),
   rnd)`` (per-client downloads, e.g. FlexLoRA's truncation); replies become ``ClientOutcome`` s. A client whose
   reply is an error, or that does not answer within ``federation.round_timeout``, is left out of the round.
-- evaluate: the global model on the server's held-out test set (as ``runner._evaluate_global``), and one
-  ``evaluate`` message per participating client for the global model's accuracy on its own test split. A node
-  that trained but does not answer it (it went down in between) is recorded under ``flower_failed_evaluation``
-  and left out of that round's global-on-local accuracy; the round goes on.
+- evaluate (in a round that evaluates): the global model on the server's held-out test set, and one ``evaluate``
+  message per participating client for the global model's metrics on its own test split. A node that trained but
+  does not answer it (it went down in between) is recorded under ``flower_failed_evaluation`` and left out of that
+  round's global-on-local metrics; the round goes on.
 
 Beside the payload accounting (``bytes_up`` / ``bytes_down``), each metrics line records the bytes of the actual
 Flower train messages and replies of the clients that answered (see ``FlowerRound.metrics``): full encoding
@@ -23,8 +24,9 @@ rebuilt from the node's ``evaluation_report`` (``method.from_evaluation_report``
 apart (``flower_bytes_report``), not as uplink: they are never aggregated nor sent to a client.
 
 In deployment the ServerApp reads the experiment from Flower's run config (``flwr run --run-config``,
-:func:`fedlora.flower.records.run_config`); in simulation :func:`fedlora.flower.engine.run_simulation` builds it
-with the config, run directory and progress callbacks directly.
+:func:`fedlora.engines.flower.records.run_config`); in simulation
+:func:`fedlora.engines.flower.simulation.run_simulation` passes the config, run directory and progress callbacks
+directly.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import config as cfgmod
-from fedlora import runner
-from fedlora.flower import records
-from fedlora.flower.client_app import CONFIG, TASK
-from fedlora.training import evaluate
-from fedlora.types import Contribution, Payload
+from fedlora import rundir, server
+from fedlora.client import ClientOutcome
+from fedlora.engines.flower import records
+from fedlora.engines.flower.client_app import CONFIG, TASK
+from fedlora.evaluation import Evaluation, load_global, metrics
+from fedlora.experiment import Experiment, build
+from fedlora.methods.base import GlobalModel
+from fedlora.types import Contribution, Payload, RunState
 
 FAIL_ENV = "FEDLORA_FLOWER_FAIL_CLIENTS"
 """Test-only fault injection: comma-separated ``<client>`` (the node raises on ``train``) or ``<client>:hang``
@@ -101,16 +106,16 @@ class Nodes:
 
 
 class FlowerRound:
-    """The trainer and evaluator ``runner.run_round`` calls for one round, and the Flower bytes it measured."""
+    """One round's client rounds and evaluation on the nodes, and the Flower bytes it measured."""
 
-    def __init__(self, grid: Grid, nodes: Nodes, progress: Any | None = None) -> None:
-        self.grid, self.nodes, self.progress = grid, nodes, progress
+    def __init__(self, grid: Grid, nodes: Nodes, rnd: int, progress: Any | None = None) -> None:
+        self.grid, self.nodes, self.rnd, self.progress = grid, nodes, rnd, progress
         self.bytes = {f"{way}{part}": 0 for way in ("down", "up") for part in ("", "_unique", "_overhead", "_payload")}
         self.bytes["messages"] = self.bytes["report"] = 0
         self.base_version: dict[int, int] = {}
         self.failed_evaluation: dict[int, str] = {}
 
-    def _message(self, exp: runner.Experiment, kind: str, c: int, rnd: int, payload: Payload, **task: Any) -> Message:
+    def _message(self, exp: Experiment, kind: str, c: int, rnd: int, payload: Payload, **task: Any) -> Message:
         content = RecordDict(
             {
                 **records.payload_records(payload),
@@ -120,7 +125,7 @@ class FlowerRound:
         )
         return Message(content, dst_node_id=self.nodes.node_of[c], message_type=kind, group_id=str(rnd))
 
-    def _exchange(self, exp: runner.Experiment, messages: dict[int, Message]) -> dict[int, Message | str]:
+    def _exchange(self, exp: Experiment, messages: dict[int, Message]) -> dict[int, Message | str]:
         """Send, wait up to federation.round_timeout; per client its reply or the reason it has none."""
         timeout = exp.cfg.federation.round_timeout
         replies = self.grid.send_and_receive(list(messages.values()), timeout=timeout)
@@ -132,12 +137,12 @@ class FlowerRound:
             out[c] = f"error: {reply.error.reason}" if reply.has_error() else reply
         return out
 
-    def train(
-        self, exp: runner.Experiment, state: runner.RunState, rnd: int
-    ) -> tuple[list[runner.ClientOutcome], dict[int, str]]:
-        sampled = runner.sample_clients(exp, rnd)
+    def train(self, exp: Experiment, state: RunState) -> tuple[list[ClientOutcome], dict[int, str]]:
+        """Every sampled client's outcome from its node (in client order), and the failures."""
+        rnd = self.rnd
+        sampled = server.sample_clients(exp, rnd)
         failing = injected_failures()
-        downloads = {c: exp.method.broadcast(state.server, exp.client_info(c), rnd) for c in sampled}
+        downloads = server.downloads(exp, state, sampled, rnd)
         messages = {c: self._message(exp, "train", c, rnd, downloads[c], fail=failing.get(c, "")) for c in sampled}
         outcomes, failed = [], {}
         for c, reply in sorted(self._exchange(exp, messages).items()):
@@ -152,10 +157,11 @@ class FlowerRound:
             report_bytes = records.message_nbytes(records.report_record(report)) if report is not None else 0
             self.bytes["report"] += report_bytes
             self.base_version[c] = int(m["base-version"])
+            local = {k: float(m[f"local-{k}"]) for k in exp.metrics if f"local-{k}" in m} or None
             outcomes.append(
-                runner.ClientOutcome(
+                ClientOutcome(
                     Contribution(c, float(m["num-examples"]), upload),
-                    float(m["local-accuracy"]) if "local-accuracy" in m else None,
+                    local,
                     float(m["train-loss"]),
                     downloads[c].nbytes,
                     float(m["train-seconds"]),
@@ -174,25 +180,23 @@ class FlowerRound:
             self.bytes["messages"] += 1
         return outcomes, failed
 
-    def evaluate(
-        self, exp: runner.Experiment, state: runner.RunState, clients: Sequence[int]
-    ) -> tuple[tuple[float, float], dict[int, float]]:
-        rnd = state.next_round
-        exported = runner.global_model(exp, state)[0]  # FedSA-LoRA: its evaluation-only model from the reports
-        runner.load_global(exp, exported)
-        global_eval = evaluate(exp.model, exp.test, exp.cfg.model.precision)
+    def evaluate(self, exp: Experiment, model: GlobalModel, clients: Sequence[int], full: bool) -> Evaluation:
+        """``model`` on the server's held-out test set and, through the nodes, on each client's own split."""
+        load_global(exp, model)
+        test = metrics(exp, exp.test, full)
         messages = {}
         for c in clients:
-            tensors = dict(records.pack_global(exported, self.base_version.get(c, 0)))
-            payload = Payload(tensors, {"fresh_init": exported.adapter is None})
-            messages[c] = self._message(exp, "evaluate", c, rnd, payload)
+            tensors = dict(records.pack_global(model, self.base_version.get(c, 0)))
+            payload = Payload(tensors, {"fresh_init": model.adapter is None})
+            messages[c] = self._message(exp, "evaluate", c, self.rnd, payload, full=full)
         on_local = {}
         for c, reply in self._exchange(exp, messages).items():
             if isinstance(reply, str):  # e.g. the node went down after training: recorded, the round goes on
                 self.failed_evaluation[c] = reply
                 continue
-            on_local[c] = float(reply.content.metric_records["metrics"]["accuracy"])
-        return global_eval, on_local
+            values = reply.content.metric_records["metrics"]
+            on_local[c] = {k: float(values[k]) for k in exp.metrics if k in values}
+        return Evaluation(test, on_local)
 
     def metrics(self) -> dict[str, Any]:
         """Flower message bytes of the train exchange (clients that answered), each way: full encoding
@@ -217,28 +221,24 @@ class FlowerRound:
 def serve(
     grid: Grid, cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool = False, progress: Any | None = None
 ) -> dict[str, Any]:
-    """The whole run on a Flower grid; writes the run directory as ``runner.run`` does and returns the summary."""
+    """The whole run on a Flower grid; writes the run directory as every engine does and returns the summary."""
     if not resume:
-        runner.check_fresh_dir(run_dir)
-    exp = runner.setup(cfg, clients=())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        state = runner.load_checkpoint(run_dir)
-        runner.restore_model(exp, state)
-    else:
-        (run_dir / "config.toml").write_text(cfgmod.dump_toml(cfg))
-        state = runner.RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
+        rundir.check_fresh_dir(run_dir)
+    exp = build(cfg, clients=())
+    state = rundir.start(exp, run_dir, resume)
     nodes = Nodes(grid, cfg)
     for rnd in range(state.next_round, cfg.federation.rounds + 1):
         if progress is not None:
-            progress.round_started(rnd, len(runner.sample_clients(exp, rnd)))
-        flower_round = FlowerRound(grid, nodes, progress)
-        runner.run_round(exp, state, rnd, trainer=flower_round.train, evaluator=flower_round.evaluate)
+            progress.round_started(rnd, len(server.sample_clients(exp, rnd)))
+        flower_round = FlowerRound(grid, nodes, rnd, progress)
+        started = time.perf_counter()
+        outcomes, failed = flower_round.train(exp, state)
+        server.close_round(exp, state, rnd, outcomes, failed, flower_round.evaluate, started, parallel=True)
         state.records[-1] |= flower_round.metrics()
-        runner.save_checkpoint(run_dir, state)
+        rundir.save_checkpoint(run_dir, state)
         if progress is not None:
             progress.round_done(rnd, state.records[-1])
-    return runner.save_outputs(exp, run_dir, state)
+    return rundir.save_outputs(exp, run_dir, state)
 
 
 app = ServerApp()
@@ -247,7 +247,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point of ``flwr run`` (deployment, or a local simulation connection): the experiment comes from the run
-    config (:func:`fedlora.flower.records.from_run_config`); an absolute ``output.dir`` is required."""
+    config (:func:`fedlora.engines.flower.records.from_run_config`); an absolute ``output.dir`` is required."""
     cfg = records.from_run_config(dict(context.run_config))
     if cfg.output.dir is None or not Path(cfg.output.dir).is_absolute():
         raise ValueError(

@@ -3,11 +3,12 @@
 Starts one ``flower-superlink`` and one ``flower-supernode`` per client (``--node-config "partition-id=<c>
 num-partitions=<n>"``), all ``--insecure`` on 127.0.0.1 with free ports found first, then submits the app with
 ``flwr run <app> deploy --stream``. The app directory is generated in a temporary directory: a
-``pyproject.toml`` whose ``[tool.flwr.app.components]`` name :mod:`fedlora.flower.server_app` and
-:mod:`fedlora.flower.client_app` and whose ``[tool.flwr.app.config]`` is the experiment's run config
-(:func:`fedlora.flower.records.run_config`), so the ServerApp in the SuperLink's process tree rebuilds exactly this
-config. Flower runs with the current virtual environment (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``,
-``--disable-runtime-dependency-installation``) and keeps its state in a temporary ``FLWR_HOME``.
+``pyproject.toml`` whose ``[tool.flwr.app.components]`` name :mod:`fedlora.engines.flower.server_app` and
+:mod:`fedlora.engines.flower.client_app` and whose ``[tool.flwr.app.config]`` is the experiment's run config
+(:func:`fedlora.engines.flower.records.run_config`), so the ServerApp in the SuperLink's process tree rebuilds
+exactly this config. Flower runs with the current virtual environment
+(``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, ``--disable-runtime-dependency-installation``) and keeps its
+state in a temporary ``FLWR_HOME``.
 
 Every process this module starts is its own session leader; on exit, failure or Ctrl-C each is stopped by PID
 (its process group: SIGTERM, then SIGKILL after ``STOP_TIMEOUT``), which also ends the ``flower-superexec`` and
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedlora import config as cfgmod
-from fedlora.flower import records
+from fedlora.engines.flower import records
 
 STOP_TIMEOUT = 10.0
 START_TIMEOUT = 120.0
@@ -192,8 +193,8 @@ def app_pyproject(cfg: cfgmod.ExperimentConfig) -> str:
         'publisher = "fedlora"',
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "fedlora.flower.server_app:app"',
-        'clientapp = "fedlora.flower.client_app:app"',
+        'serverapp = "fedlora.engines.flower.server_app:app"',
+        'clientapp = "fedlora.engines.flower.client_app:app"',
         "",
         "[tool.flwr.app.config]",
     ]
@@ -226,7 +227,7 @@ def run_deployment(cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool = F
             "federation.engine = 'flower-deployment' cannot resume a run (the SuperNodes' client states are gone); "
             "resume it with federation.engine = 'inprocess' or 'flower-simulation'"
         )
-    from fedlora.flower.engine import FLOWER_ENV
+    from fedlora.engines.flower.environment import FLOWER_ENV
 
     cfg = cfgmod.with_overrides(cfg, [f"output.dir={json.dumps(str(run_dir))}"])
     n = cfg.data.num_clients
@@ -264,10 +265,10 @@ def run_deployment(cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool = F
             _wait_healthy(link_port, link, log_dir / "superlink.log")
             for c, port in enumerate(node_ports):
                 procs.start(f"supernode-{c}", supernode_argv(bin_dir, f"{HOST}:{link_port}", port, c, n))
-            runner_proc = procs.start(
+            flwr_run = procs.start(
                 "flwr-run", [str(bin_dir / "flwr"), "run", str(app_dir), "deploy", "--stream"], cwd=app_dir
             )
-            code = _wait_run(runner_proc, procs, n, deadline, log_dir)
+            code = _wait_run(flwr_run, procs, n, deadline, log_dir)
         summary_path = run_dir / "summary.json"
         if code != 0 or not summary_path.exists():
             raise RuntimeError(

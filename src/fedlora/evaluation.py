@@ -1,0 +1,107 @@
+"""Evaluation shared by every engine: which rounds evaluate, the evaluation sets, loading a global model, and the
+evaluation of a model on sets in this process.
+
+Per evaluated round: the global model on the held-out test set and on each participating client's test split
+(the local-global gap), and each client's own adapter on its own split (in its client round). Sets are addressed
+by *targets*, so that an engine can spread them over processes and add the sums back up:
+``("test", start, stop)`` a slice of the global test set (longest examples first), ``("client", c)`` client c's
+test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedlora import config as cfgmod
+from fedlora import peft_io
+from fedlora.experiment import Experiment
+from fedlora.methods.base import GlobalModel
+from fedlora.tasks import Encoded, Sums, add_sums
+from fedlora.types import ModuleError, RunState
+
+EVAL_CHUNK = 256
+"""Examples of the global test set per evaluation target, so that a worker pool can share the set out."""
+
+Target = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The global model's finished metrics on the held-out test set, and on each evaluated client's split."""
+
+    test: Mapping[str, float]
+    clients: Mapping[int, Mapping[str, float]]
+
+
+def is_evaluated(cfg: cfgmod.ExperimentConfig, rnd: int) -> bool:
+    """Whether round ``rnd`` evaluates fully (every ``eval.every`` rounds, and always the last round)."""
+    return rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds
+
+
+def scope(exp: Experiment, rnd: int) -> bool | None:
+    """What round ``rnd`` evaluates: True, every metric of the task (a full evaluation); False, only the task's
+    ``every_round`` metrics; None, nothing (a task without every-round metrics, between full evaluations)."""
+    if is_evaluated(exp.cfg, rnd):
+        return True
+    return False if exp.task.every_round else None
+
+
+def global_model(exp: Experiment, state: RunState) -> tuple[GlobalModel, Mapping[str, ModuleError] | None]:
+    """The model evaluated and saved as the global one: ``method.export(server state)``, unless the method
+    defines the optional ``evaluation_model(server_state, client_states) -> (GlobalModel, {module: ModuleError})``.
+
+    That hook is for personalised methods whose global model needs what stays on the clients (FedSA-LoRA: Ā with
+    the weighted mean of the clients' own B and heads), computed for evaluation only and never sent; its errors
+    replace the aggregation report's (the server alone cannot measure them). In process the client states are at
+    hand; on Flower they come from the nodes' evaluation reports.
+    """
+    hook = getattr(exp.method, "evaluation_model", None)
+    if hook is None:
+        return exp.method.export(state.server), None
+    return hook(state.server, state.clients)
+
+
+def load_global(exp: Experiment, model: GlobalModel) -> None:
+    """Put a global model into the shared model: base edits, adapter at the broadcast rank, head."""
+    peft_io.apply_base_edits(exp.model, model.base_edits)
+    peft_io.write_adapter(exp.model, model.adapter, model.extras, rank=exp.info.rank, seed=exp.cfg.seed)
+
+
+def sums(exp: Experiment, data: Encoded, full: bool = True) -> Sums:
+    """The task's evaluation sums of the model as it stands on ``data`` (``full``: every metric, else the
+    every-round ones)."""
+    return exp.task.evaluate(exp.model, data, exp.cfg.model.precision, full)
+
+
+def metrics(exp: Experiment, data: Encoded, full: bool = True) -> dict[str, float]:
+    """The task's finished metrics of the model as it stands on ``data``."""
+    return exp.task.finish(sums(exp, data, full))
+
+
+def targets(exp: Experiment, clients: Sequence[int]) -> list[Target]:
+    """The global test set in ``EVAL_CHUNK`` slices and each client's split, largest first (so that workers
+    taking them in turn finish together)."""
+    n = int(exp.test["input_ids"].shape[0])
+    out: list[Target] = [("test", i, min(i + EVAL_CHUNK, n)) for i in range(0, n, EVAL_CHUNK)]
+    out += [("client", c) for c in clients]
+    return sorted(out, key=lambda t: -int(target_set(exp, t)["attention_mask"].sum()))
+
+
+def target_set(exp: Experiment, target: Target) -> Encoded:
+    if target[0] == "test":
+        return {k: v[target[1] : target[2]] for k, v in exp.test.items()}
+    return exp.clients[target[1]].test
+
+
+def collect(exp: Experiment, results: Mapping[Target, Sums], clients: Sequence[int]) -> Evaluation:
+    """The evaluation from every target's sums."""
+    test = exp.task.finish(add_sums([s for t, s in results.items() if t[0] == "test"]))
+    return Evaluation(test, {c: exp.task.finish(results[("client", c)]) for c in clients})
+
+
+def evaluate_here(exp: Experiment, model: GlobalModel, clients: Sequence[int], full: bool = True) -> Evaluation:
+    """``model`` on the global test set and on each client's split, in this process."""
+    load_global(exp, model)
+    return Evaluation(metrics(exp, exp.test, full), {c: metrics(exp, exp.clients[c].test, full) for c in clients})

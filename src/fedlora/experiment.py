@@ -1,0 +1,141 @@
+"""An experiment built from its config: the task's data and partitions, the model with its PEFT adapter, the
+tokenised client splits and the method. Every engine builds one (a Flower node builds one with its own partition
+only) and every shared step reads it; every bad input fails here, before any training starts.
+
+Randomness: every random choice derives from (``seed``, stream, keys...) through :func:`derive_seed`, so a run
+resumed from its last checkpoint, or trained on another engine or with other workers, ends with the same results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora import config as cfgmod
+from fedlora import methods, peft_io, tasks
+from fedlora.methods.base import ClientInfo, Method, ModelInfo
+from fedlora.tasks import Encoded, Examples, Task
+from fedlora.training import TrainSettings
+
+SAMPLING, CLIENT, EVAL_SAMPLE = 0, 1, 2
+"""Independent random streams: client sampling per round, a client's training per (round, client), and the
+per-client evaluation subsample."""
+
+
+def derive_seed(seed: int, stream: int, *keys: int) -> int:
+    """A 31-bit seed from (seed, stream, keys...): independent streams for sampling and per (round, client)."""
+    return int(np.random.SeedSequence([seed, stream, *keys]).generate_state(1)[0] >> 1)
+
+
+@dataclass
+class ClientData:
+    """A client's tokenised train and test splits (the test split subsampled per ``eval.max_examples``), its
+    number of training examples (its aggregation weight) and the task's baseline on its test split."""
+
+    train: Encoded
+    test: Encoded
+    num_examples: int
+    baseline: float | None
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built and validated before any training starts. ``metrics``: what the task reports
+    for this config (the first is primary); ``baseline``: the task's baseline on the global test set (e.g. the
+    majority-class share), None when the task has none."""
+
+    cfg: cfgmod.ExperimentConfig
+    task: Task
+    metrics: tuple[str, ...]
+    method: Method
+    model: torch.nn.Module
+    info: ModelInfo
+    clients: list[ClientData]
+    test: Encoded
+    ranks: list[int]
+    baseline: float | None
+
+    def client_info(self, c: int) -> ClientInfo:
+        return ClientInfo(c, self.ranks[c])
+
+
+def train_settings(cfg: cfgmod.ExperimentConfig) -> TrainSettings:
+    t = cfg.train
+    precision = cfg.model.precision
+    return TrainSettings(t.lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs, precision)
+
+
+def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) -> Experiment:
+    """Load data and model, partition, tokenise, build the method.
+
+    ``clients``: tokenise only these clients' splits (a Flower node loads only its own partition, the Flower
+    server none); the others keep their example count and empty data. None: every client.
+    """
+    torch.manual_seed(cfg.seed)
+    task = tasks.get(cfg.model.task)
+    method = methods.build(cfg.federation.method, cfg.method)
+    data = task.load(cfg)
+    lora = cfg.model.lora
+    ranks = list(lora.ranks) if lora.ranks is not None else [lora.r] * cfg.data.num_clients
+    tokenizer = peft_io.load_tokenizer(cfg.model.name)
+    model = _peft_model(cfg, task.base_model(cfg, data), task, max(ranks))
+    info = _model_info(cfg, model, max(ranks))
+
+    def encode(examples: Examples) -> Encoded:
+        return task.encode(examples, tokenizer, cfg)
+
+    keep = set(range(cfg.data.num_clients)) if clients is None else set(clients)
+    parts = []
+    for c, (train, test) in enumerate(data.clients):
+        test = eval_subsample(test, cfg.eval.max_examples, derive_seed(cfg.seed, EVAL_SAMPLE, c))
+        tensors = (encode(train), by_length(encode(test))) if c in keep else ({}, {})
+        parts.append(ClientData(*tensors, len(train), task.baseline(test)))
+    test = by_length(encode(data.test))
+    return Experiment(cfg, task, task.metrics(cfg), method, model, info, parts, test, ranks, task.baseline(data.test))
+
+
+def _peft_model(cfg: cfgmod.ExperimentConfig, base: torch.nn.Module, task: Task, rank: int) -> Any:
+    lora = cfg.model.lora
+    return peft_io.make_peft_model(
+        base,
+        r=rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        rslora=lora.rslora,
+        target_modules=list(lora.target_modules) or peft_io.default_target_modules(base),
+        variant=lora.variant,
+        task=task.peft_task_type,  # type: ignore[arg-type]
+    )
+
+
+def _model_info(cfg: cfgmod.ExperimentConfig, model: Any, rank: int) -> ModelInfo:
+    """What the method may know of the model: module shapes, the broadcast rank, the initial extras (head), and
+    for methods that need them the frozen base weights and scales."""
+    _, extras = peft_io.read_adapter(model)
+    info = ModelInfo(peft_io.module_specs(model), rank, extras)
+    if methods.capabilities(cfg.federation.method).needs_base_weights:
+        scales = {m: peft_io.lora_scale(model, m) for m in info.specs}
+        info = replace(info, base_weights=peft_io.base_weights(model), scales=scales)
+    return info
+
+
+def eval_subsample(examples: Examples, max_examples: int | None, seed: int) -> Examples:
+    """At most ``max_examples`` of ``examples``, drawn without replacement by ``seed`` (all when unset)."""
+    if max_examples is None or len(examples) <= max_examples:
+        return examples
+    rng = np.random.default_rng(seed)
+    return examples.subset(sorted(int(i) for i in rng.choice(len(examples), size=max_examples, replace=False)))
+
+
+def by_length(data: Encoded) -> Encoded:
+    """The examples longest first, so that evaluation batches (and the evaluation tasks of a worker pool, which
+    are slices) hold sequences of similar length and carry little padding. Evaluation sums do not depend on the
+    order."""
+    if not data or not len(data["attention_mask"]):
+        return data
+    order = torch.argsort(data["attention_mask"].sum(1), descending=True, stable=True)
+    return {k: v[order] for k, v in data.items()}

@@ -1,0 +1,137 @@
+"""The run directory, shared by every engine: its name, the refusal to reuse one that holds a run, checkpoints,
+the final outputs and the summary.
+
+A run directory holds ``config.toml`` (the resolved config), ``metrics.jsonl`` (one record per round),
+``checkpoint.pt`` (the ``RunState`` after the last finished round, for ``--resume``), and at the end ``adapter/``
+(the global model as a PEFT adapter directory, plus ``base_edits.safetensors`` for methods that edit base
+weights) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora import config as cfgmod
+from fedlora import peft_io
+from fedlora.evaluation import global_model, load_global
+from fedlora.experiment import Experiment
+from fedlora.types import RunState
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def default_run_dir(cfg: cfgmod.ExperimentConfig) -> Path:
+    return Path(cfg.output.dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.federation.method}")
+
+
+def check_fresh_dir(run_dir: Path) -> None:
+    if (run_dir / CHECKPOINT).exists() or (run_dir / METRICS).exists():
+        raise FileExistsError(
+            f"output.dir = {str(run_dir)!r} already holds a run; choose another output.dir or continue it with "
+            f"`fedlora run --resume {run_dir}`"
+        )
+
+
+def start(exp: Experiment, run_dir: Path, resume: bool) -> RunState:
+    """The run's state: from the checkpoint (the model brought to it) when resuming, else a fresh server state,
+    with the resolved config written to ``config.toml``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = load_checkpoint(run_dir)
+        restore_model(exp, state)
+        return state
+    (run_dir / "config.toml").write_text(cfgmod.dump_toml(exp.cfg))
+    return RunState(1, exp.method.init_server(exp.info, exp.cfg.seed), {})
+
+
+def save_checkpoint(run_dir: Path, state: RunState) -> None:
+    """Atomically: write a temporary file, then rename over the checkpoint and rewrite metrics.jsonl."""
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+    lines = "".join(json.dumps(r) + "\n" for r in state.records)
+    tmp_metrics = run_dir / (METRICS + ".tmp")
+    tmp_metrics.write_text(lines)
+    os.replace(tmp_metrics, run_dir / METRICS)
+
+
+def load_checkpoint(run_dir: Path) -> RunState:
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no {CHECKPOINT} there (the run saved no round yet)")
+    return torch.load(path, weights_only=False)
+
+
+def restore_model(exp: Experiment, state: RunState) -> None:
+    """Bring a freshly built model to the checkpoint: replay every base edit the global model holds."""
+    if state.next_round > 1:
+        load_global(exp, exp.method.export(state.server))
+
+
+def save_outputs(exp: Experiment, run_dir: Path, state: RunState) -> dict[str, Any]:
+    """Final global adapter as a PEFT directory (+ base edits + head), and summary.json."""
+    load_global(exp, global_model(exp, state)[0])
+    peft_io.save_model_adapter(exp.model, run_dir / "adapter")
+    edits = exp.method.export(state.server).base_edits
+    if edits:
+        peft_io.write_base_edits(run_dir / "adapter" / "base_edits.safetensors", edits)
+    summary = summarize(state.records, exp.cfg, exp.metrics[0], exp.task.higher_is_better)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]],
+    cfg: cfgmod.ExperimentConfig,
+    primary: str = "accuracy",
+    higher_is_better: bool = True,
+) -> dict[str, Any]:
+    """The reported numbers from the per-round records: evaluation numbers over the rounds that evaluated them
+    (the last round evaluates everything), the baselines beside them, divergence, bytes and time over every
+    round. ``primary``: the task's primary metric, for the best round and the local means."""
+    if not records:
+        return {"method": cfg.federation.method, "rounds": 0}
+    last = records[-1]
+    evaluated = [r for r in records if r.get(f"global_{primary}") is not None]
+    best = (max if higher_is_better else min)(evaluated, key=lambda r: r[f"global_{primary}"])
+    local = [r[f"local_{primary}"] for r in records if r.get(f"local_{primary}") is not None]
+    summary: dict[str, Any] = {"method": cfg.federation.method, "rounds": len(records)}
+    summary["evaluated_rounds"] = [r["round"] for r in records if r.get("evaluated", True)]
+    summary |= {k: last[k] for k in ("majority_share", "local_majority_share") if k in last}
+    summary |= {k.replace("global_", "final_global_", 1): v for k, v in last.items() if _is_global_metric(k, v)}
+    return summary | {
+        f"best_global_{primary}": best[f"global_{primary}"],
+        "best_round": best["round"],
+        f"mean_local_{primary}": float(np.mean(local)),
+        f"final_local_{primary}": last[f"local_{primary}"],
+        "final_local_global_gap": last["local_global_gap"],
+        "mean_divergence": float(np.mean([r["divergence"] for r in records])),
+        "final_divergence": last["divergence"],
+        "total_bytes_up": int(sum(r["bytes_up"] for r in records)),
+        "total_bytes_down": int(sum(r["bytes_down"] for r in records)),
+        "wall_seconds": float(sum(r["seconds"] for r in records)),
+        "missing_clients": missing_clients(records),
+    }
+
+
+def _is_global_metric(key: str, value: Any) -> bool:
+    """A held-out metric of the global model (``global_accuracy``, ``global_loss``, ...), not a per-client one."""
+    return key.startswith("global_") and not key.endswith("_on_local") and isinstance(value, float | int)
+
+
+def missing_clients(records: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """{client: the rounds it was sampled but left out of (it failed, timed out or its node was down)}."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        for c in r.get("failed_clients", {}):
+            out.setdefault(str(c), []).append(int(r["round"]))
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))

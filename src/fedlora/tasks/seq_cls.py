@@ -1,0 +1,95 @@
+"""Sequence classification (``model.task = "seq_cls"``): texts with labels, a classification head, cross-entropy.
+
+Data: ``fedlora.data`` (packaged datasets, local files, cached Hugging Face sets), a seeded global test split and
+a label partition over the clients. Model: ``AutoModelForSequenceClassification`` with ``num_labels`` from the
+data; PEFT's ``SEQ_CLS`` task keeps the head in ``modules_to_save`` (trained fully, an extra of the payload).
+Metrics: ``accuracy`` (primary) and mean cross-entropy ``loss``, computed in float32 from the logits whatever the
+precision. Baseline: the majority-class share of a split (the accuracy of always predicting its most frequent
+label).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fedlora import data as datamod
+from fedlora import peft_io
+from fedlora.tasks import register
+from fedlora.tasks.base import Encoded, Sums, TaskData
+from fedlora.training import autocast, trim
+
+EVAL_BATCH = 64
+
+
+class SequenceClassification:
+    name: ClassVar[str] = "seq_cls"
+    peft_task_type: ClassVar[str] = "seq_cls"
+    higher_is_better: ClassVar[bool] = True
+    every_round: ClassVar[tuple[str, ...]] = ()
+    baseline_name: ClassVar[str | None] = "majority_share"
+
+    def metrics(self, cfg: Any) -> tuple[str, ...]:
+        return ("accuracy", "loss")
+
+    def load(self, cfg: Any) -> TaskData:
+        d = cfg.data
+        ds = datamod.load_dataset(d.dataset, d.text_column, d.label_column)
+        fed = datamod.federate(
+            ds,
+            num_clients=d.num_clients,
+            partition=d.partition,
+            alpha=d.alpha,
+            labels_per_client=d.labels_per_client,
+            min_partition_size=d.min_partition_size,
+            test_fraction=d.test_fraction,
+            local_test_fraction=d.local_test_fraction,
+            seed=cfg.seed,
+        )
+        return TaskData(fed.test, list(fed.clients), len(fed.label_names), {"label_names": list(fed.label_names)})
+
+    def base_model(self, cfg: Any, data: TaskData) -> nn.Module:
+        return peft_io.load_base_model(cfg.model.name, "seq_cls", num_labels=data.num_labels or 2)
+
+    def encode(self, examples: Any, tokenizer: Any, cfg: Any) -> Encoded:
+        return datamod.tokenize(examples, tokenizer, cfg.data.max_length)
+
+    def baseline(self, examples: Any) -> float | None:
+        """The share of the most frequent label (NaN for no examples)."""
+        return max(examples.label_counts()) / len(examples) if len(examples) else float("nan")
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        return model(**batch).loss
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, data: Encoded, precision: str, full: bool = True) -> Sums:
+        """Correct predictions, summed cross-entropy and examples; longest-first batches keep padding small.
+        Nothing is cheap enough for the rounds between full evaluations (``full=False``: no sums)."""
+        if not full:
+            return {}
+        model.eval()
+        n = int(data["labels"].shape[0])
+        order = torch.argsort(data["attention_mask"].sum(1), descending=True)
+        correct, loss_sum = 0, 0.0
+        for start in range(0, n, EVAL_BATCH):
+            idx = order[start : start + EVAL_BATCH]
+            batch = trim({k: v[idx] for k, v in data.items()})
+            with autocast(precision):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        return {"correct": float(correct), "loss": loss_sum, "n": float(n)}
+
+    def finish(self, sums: Sums) -> dict[str, float]:
+        if "n" not in sums:
+            return {}
+        n = sums["n"]
+        if not n:
+            return {"accuracy": float("nan"), "loss": float("nan")}
+        return {"accuracy": sums["correct"] / n, "loss": sums["loss"] / n}
+
+
+register(SequenceClassification())
