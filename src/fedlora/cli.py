@@ -191,16 +191,27 @@ def _compare_one(cfg: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with metrics.jsonl).")],
     out: Annotated[Path | None, typer.Option(help="Where to write the PNGs (default: the first run).")] = None,
+    only: Annotated[str | None, typer.Option(help="Comma-separated figure names (default: all).")] = None,
 ) -> None:
-    """PNGs: accuracy vs round, divergence vs round, per-module divergence heatmap, accuracy vs bytes."""
+    """PNGs of one or more runs, one curve per run labelled by the config keys that differ (runs differing only
+    in seed: mean ± std): accuracy, local_global_gap, loss, divergence, divergence_heatmap, accuracy_vs_bytes,
+    accuracy_vs_alpha and divergence_vs_alpha (when the runs span several Dirichlet α)."""
+    from rich.markup import escape
+
     from fedlora import plots
 
     try:
-        written = plots.plot_runs(run_dirs, out or run_dirs[0])
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    for p in written:
-        console.print(str(p))
+        plotted = plots.plot_runs(run_dirs, out or run_dirs[0], plots.figure_names(only))
+    except (ValueError, OSError) as e:
+        _fail(escape(str(e)))
+    for warning in plotted.warnings:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
+    for name, reason in plotted.skipped.items():
+        console.print(f"{name}: not drawn: {escape(reason)}")
+    if not plotted.written:
+        _fail("no figure to draw: the runs have no data for the figures asked for")
+    for path in plotted.written:
+        console.print(escape(str(path)))
 
 
 @app.command()
