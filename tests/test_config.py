@@ -59,6 +59,7 @@ SPEC_DEFAULTS = {
     "train.lr": 5e-4,
     "train.weight_decay": 0.0,
     "train.max_grad_norm": 1.0,
+    "output.trackers": [],
 }
 
 CONFIG_TOML = """
