@@ -207,17 +207,20 @@ def select(runs: Sequence[Run]) -> Selection:
     return sel
 
 
-def _single_runs(runs: Sequence[Run], members: Sequence[int], labels: Sequence[str], warnings: list[str]):
+def _single_runs(runs: Sequence[Run], members: Sequence[int], labels: Sequence[str], warnings: list[str]) -> list:
+    """One series per run; runs with identical configs get their directory name in the label, and a warning."""
     same: dict[str, list[int]] = {}
     for i in members:
         same.setdefault(_fingerprint(runs[i].config), []).append(i)
+    series = []
     for twins in same.values():
         if len(twins) > 1:
             names = ", ".join(str(runs[i].path) for i in twins)
             warnings.append(f"runs {names} have the same config: their curves are labelled by directory name")
         for i in twins:
             suffix = f" ({runs[i].path.name})" if len(twins) > 1 else ""
-            yield Series(labels[i] + suffix, (runs[i],))
+            series.append(Series(labels[i] + suffix, (runs[i],)))
+    return series
 
 
 # --------------------------------------------------------------------------------------------------------------
