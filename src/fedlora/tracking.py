@@ -14,9 +14,9 @@ MLflow run FAILED, else FINISHED.
 What is logged. The record's ``round`` is the step. Numbers are scalars; nested dicts flatten to "/"-joined names
 (``divergence_per_module/bert.encoder.layer.0.attention.self.query``, ``diagnostics/<module>/p/0``), lists to
 indexed names (``clients_local_accuracy/3``), booleans to 0/1; text (``failed_clients/<client>``: the reason) is
-logged as text; null values (rounds without evaluation) are skipped; TensorBoard keeps scalars as float32. The summary's numbers go under ``summary/``
-at the step of its last round. The resolved config (dotted keys) is logged as parameters (MLflow) or hparams and a
-text table (TensorBoard).
+logged as text; null values (rounds without evaluation) are skipped; TensorBoard keeps scalars as float32. The
+summary's numbers go under ``summary/`` at the step of its last round. The resolved config (dotted keys) is
+logged as parameters (MLflow) or hparams and a text table (TensorBoard).
 
 Where. TensorBoard: event files in ``<run_dir>/tensorboard`` (``tensorboard --logdir <run_dir>/tensorboard``); a
 resumed run hides what the interrupted session logged from its first resumed round on (TensorBoard's purge
