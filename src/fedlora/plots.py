@@ -161,8 +161,18 @@ class Curve:
 class Series:
     """What one curve shows: one run, or runs that differ only in their seed (drawn as mean ± std)."""
 
-    label: str
+    name: str
     runs: tuple[Run, ...]
+
+    @property
+    def label(self) -> str:
+        """The name, with the number of seeds when the series is their mean ± std."""
+        return self.name + (f" (mean ± std, {len(self.runs)} seeds)" if len(self.runs) > 1 else "")
+
+    @property
+    def mean_label(self) -> str:
+        """The label of a figure that shows the mean only (heatmaps, gap panels)."""
+        return self.name + (f" (mean over {len(self.runs)} seeds)" if len(self.runs) > 1 else "")
 
     def curve(self, key: str) -> Curve:
         return _aligned([r.per_round(key) for r in self.runs])
@@ -201,7 +211,7 @@ def select(runs: Sequence[Run]) -> Selection:
         seeds = [runs[i].config.get("seed") for i in members]
         if len(members) > 1 and len(set(seeds)) == len(seeds):
             label = describe(runs, ignore=["seed"])[members[0]]
-            sel.series.append(Series(f"{label} (mean ± std, {len(members)} seeds)", tuple(runs[i] for i in members)))
+            sel.series.append(Series(label, tuple(runs[i] for i in members)))
         else:
             sel.series.extend(_single_runs(runs, members, labels, sel.warnings))
     return sel
@@ -373,7 +383,7 @@ def local_global_gap_figure(sel: Selection) -> Any:
     fig, axes = _figure(math.ceil(len(pairs) / columns), columns, width=4.2, height=3.4, sharey=True)
     values: list[float] = []
     for ax, (s, local, glob) in zip(axes.flat, pairs, strict=False):
-        values += _gap_panel(ax, s.label, local, glob)
+        values += _gap_panel(ax, s.mean_label, local, glob)
     for ax in axes.flat[len(pairs) :]:
         ax.set_visible(False)
     axes.flat[0].set_ylim(*share_limits(values))
@@ -408,7 +418,7 @@ def divergence_heatmap_figure(sel: Selection) -> Any:
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
         ax.set_yticks(range(len(names)), [labels[modules.index(m)] for m in names], fontsize=7)
         ax.set_xticks(range(len(rounds)), [str(int(n)) for n in rounds])
-        ax.set(title=_wrapped(s.label, 9), xlabel="round")
+        ax.set(title=_wrapped(s.mean_label, 9), xlabel="round")
     fig.colorbar(image, ax=axes[:, 0].tolist(), label=f"divergence of module m: {DIVERGENCE.replace('M', 'M_m')}")
     ideal = IDEAL.replace("\n", " ")
     about = f"M_m: module m's part of {ideal}; ΔW_m: its aggregate"
@@ -514,10 +524,12 @@ def _alpha_panel(ax: Any, runs: Sequence[Run], value: Callable[[Run], float | No
         x = sorted(by_alpha)
         mean = np.array([np.mean(by_alpha[a]) for a in x])
         std = np.array([np.std(by_alpha[a], ddof=1) if len(by_alpha[a]) > 1 else 0.0 for a in x])
+        centre, low, high = (np.maximum(v, LOG_FLOOR if log else -np.inf) for v in (mean, mean - std, mean + std))
         seeds = max(map(len, by_alpha.values()))
         shown = label + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else "")
-        ax.errorbar(x, mean, yerr=std if seeds > 1 else None, marker="o", capsize=3, color=color, label=shown)
-        drawn += [*(mean - std), *(mean + std)]
+        yerr = [centre - low, high - centre] if seeds > 1 else None
+        ax.errorbar(x, centre, yerr=yerr, marker="o", capsize=3, color=color, label=shown)
+        drawn += [*low, *high]
     alphas = sorted({float(r.config["data.alpha"]) for r in runs})
     ax.set_xscale("log")
     ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
