@@ -6,7 +6,6 @@ References are dense float64 sums computed here from the tensors each site saved
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -193,31 +192,6 @@ def test_conv1d_layout_base_edit_is_transposed(tmp_path, gpt2_base):
         key = module + ".weight"
         assert W[key].shape == (16, 48)  # Conv1D stores (in, out)
         assert torch.allclose(W[key] - W0[key], delta.T, atol=1e-5), module
-
-
-def test_methods_command_lists_capabilities(monkeypatch):
-    from fedlora import cli
-
-    monkeypatch.setattr(cli.console, "width", 300)  # a wide terminal: no folded cells (xdist workers have 80)
-    res = runner.invoke(app, ["methods"])
-    assert res.exit_code == 0
-    for name in ("fedit", "flora_na", "flora", "fedex_lora", "flexlora", "hetlora"):
-        assert name in res.output
-    assert "r(d+k)" in res.output and "native" in res.output
-
-
-def test_methods_command_with_a_name_lists_its_keys_and_defaults(monkeypatch):
-    from fedlora import cli, methods
-
-    monkeypatch.setattr(cli.console, "width", 300)
-    res = runner.invoke(app, ["methods", "flasc"])
-    assert res.exit_code == 0
-    cells = [line.split("│")[1:4] for line in res.output.splitlines() if line.startswith("│")]
-    rows = {key.strip(): default.strip() for key, _, default in cells}
-    assert rows == {f"method.{k}": repr(v) for k, v in dataclasses.asdict(methods.make_params("flasc")).items()}
-    assert "(none)" in runner.invoke(app, ["methods", "fedit"]).output
-    bad = runner.invoke(app, ["methods", "flsac"])
-    assert bad.exit_code == 2 and "did you mean 'flasc'" in bad.output
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])

@@ -60,6 +60,7 @@ SPEC_DEFAULTS = {
     "train.weight_decay": 0.0,
     "train.max_grad_norm": 1.0,
     "eval.every": 1,
+    "output.trackers": [],
 }
 
 CONFIG_TOML = """

@@ -191,16 +191,27 @@ def _compare_one(cfg: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with metrics.jsonl).")],
     out: Annotated[Path | None, typer.Option(help="Where to write the PNGs (default: the first run).")] = None,
+    only: Annotated[str | None, typer.Option(help="Comma-separated figure names (default: all).")] = None,
 ) -> None:
-    """PNGs: accuracy vs round, divergence vs round, per-module divergence heatmap, accuracy vs bytes."""
+    """PNGs of one or more runs, one curve per run labelled by the config keys that differ (runs differing only
+    in seed: mean ± std): accuracy, local_global_gap, loss, divergence, divergence_heatmap, accuracy_vs_bytes,
+    accuracy_vs_alpha and divergence_vs_alpha (when the runs span several Dirichlet α)."""
+    from rich.markup import escape
+
     from fedlora import plots
 
     try:
-        written = plots.plot_runs(run_dirs, out or run_dirs[0])
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    for p in written:
-        console.print(str(p))
+        plotted = plots.plot_runs(run_dirs, out or run_dirs[0], plots.figure_names(only))
+    except (ValueError, OSError) as e:
+        _fail(escape(str(e)))
+    for warning in plotted.warnings:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
+    for name, reason in plotted.skipped.items():
+        console.print(f"{name}: not drawn: {escape(reason)}")
+    if not plotted.written:
+        _fail("no figure to draw: the runs have no data for the figures asked for")
+    for path in plotted.written:
+        console.print(escape(str(path)))
 
 
 @app.command()
@@ -266,54 +277,90 @@ def _task_type(adapter_dir: Path) -> str | None:
 
 @app.command("methods")
 def list_methods(
-    name: Annotated[str | None, typer.Argument(help="A method: list its method.* keys and defaults.")] = None,
+    name: Annotated[str | None, typer.Argument(help="A method: its description and method.* keys.")] = None,
 ) -> None:
-    """Every registered method with its capabilities and communication formulas; with a NAME, its
-    hyperparameters (the ``method.*`` config keys), their types and defaults."""
+    """Every registered method with its capabilities and communication; with a NAME, the method's description
+    (paper and update rule) and its hyperparameters (the ``method.*`` config keys) with types and defaults."""
+    from rich.markup import escape
+
     from fedlora import methods
 
-    if name is not None:
-        try:
-            params = methods.params_class(name)
-        except ValueError as e:
-            _fail(str(e))
-        _print_params(name, params)
+    if name is None:
+        console.print(_capabilities_table(methods.available()))
+        _print_lines(["", "Communication: scalars sent per adapted d×k matrix, per client, per round."])
+        for key in methods.available():
+            _print_lines(_communication(key))
         return
-    table = Table(title="fedlora methods (sizes per adapted d×k matrix, per client, per round)")
-    table.add_column("key", no_wrap=True)  # the name to type stays whole on narrow terminals
-    columns = ("exact", "hetero ranks", "writes base", "personal", "per-client download", "variants")
-    for col in (*columns, "uplink", "downlink", "paper"):
-        table.add_column(col, overflow="fold")
-    for name in methods.available():
-        c = methods.capabilities(name)
-        yes = {True: "yes", False: "no"}
-        table.add_row(
-            name,
-            yes[c.exact],
-            c.heterogeneous_ranks,
-            yes[c.writes_base],
-            yes[c.personalised],
-            yes[c.per_client_download],
-            ", ".join(c.variants),
-            c.uplink,
-            c.downlink,
-            c.paper,
-        )
-    console.print(table)
+    try:
+        params = methods.params_class(name)
+    except ValueError as e:
+        _fail(escape(str(e)))
+    _print_params(name, params)
+
+
+def _capabilities_table(names: list[str]) -> Table:
+    """One row per method; two-line headers and short values, so the table fits 80 columns without breaks."""
+    from fedlora import methods
+
+    table = Table(
+        box=None, padding=(0, 1), header_style="bold underline", title="fedlora methods", title_justify="left"
+    )
+    columns = (
+        "method",
+        "exact",
+        "hetero\nranks",
+        "writes\nbase",
+        "person-\nalised",
+        "per-client\ndownload",
+        "variants",
+    )
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    yes = {True: "yes", False: "no"}
+    for key in names:
+        c = methods.capabilities(key)
+        flags = (c.writes_base, c.personalised, c.per_client_download)
+        table.add_row(key, yes[c.exact], c.heterogeneous_ranks, *(yes[f] for f in flags), ", ".join(c.variants))
+    return table
+
+
+def _communication(key: str) -> list[str]:
+    """The method's paper and its scalars sent per adapted d×k matrix, per client, per round, in lines that fit
+    the console and never break inside brackets (a formula such as ``min((Σ_u r_u)(d+k), d·k)`` stays whole)."""
+    from fedlora import method_help, methods
+
+    c, width = methods.capabilities(key), console.width
+    lines = [""] + method_help.fill_units(method_help.outside_brackets(f"{key}: {c.paper}"), width, hang="    ")
+    for label, text in (("up:  ", c.uplink), ("down:", c.downlink)):
+        lines += method_help.fill_units(method_help.outside_brackets(text), width, f"  {label} ", " " * 8)
+    return lines
+
+
+def _print_lines(lines: list[str]) -> None:
+    """Plain text: no markup, no highlighting, no wrapping (the lines fit)."""
+    from rich.text import Text
+
+    for line in lines:
+        console.print(Text(line), no_wrap=True)
 
 
 def _print_params(name: str, params: type) -> None:
-    """One row per ``method.*`` key of a method's hyperparameter dataclass: key, type, default."""
-    import dataclasses
+    """The method's description from its module docstring, then one row per ``method.*`` key: key, type in
+    words (allowed values as ``a | b``), default as written in a config."""
+    from fedlora import method_help
 
-    table = Table(title=f"{name}: method.* keys (their meaning and allowed values: docs/methods.md)")
-    for col in ("key", "type", "default"):
-        table.add_column(col, overflow="fold")
-    fields = dataclasses.fields(params)
-    for f in fields:
-        table.add_row(f"method.{f.name}", str(f.type), repr(f.default))
-    if not fields:
-        table.add_row("(none)", "", "")
+    _print_lines(method_help.wrap(method_help.description(name, params), console.width))
+    _print_lines(_communication(name))
+    rows = method_help.parameters(params)
+    if not rows:
+        _print_lines(["", f"{name} has no method.* keys."])
+        return
+    _print_lines(["", f"{name}: method.* keys (set in [method] of a config, or as method.KEY=VALUE)"])
+    table = Table(box=None, padding=(0, 1), header_style="bold underline")
+    for column in ("key", "type", "default"):
+        table.add_column(column, no_wrap=column == "key")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

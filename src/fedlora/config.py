@@ -69,6 +69,7 @@ Variant = Literal["lora", "dora", "hira"]
 Partition = Literal["iid", "dirichlet", "pathological"]
 Engine = Literal["inprocess", "flower-simulation", "flower-deployment"]
 Precision = Literal["auto", "fp32", "bf16"]
+Tracker = Literal["tensorboard", "mlflow"]
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,10 @@ def _all_positive(v: tuple[int, ...]) -> bool:
 
 def _all_non_empty(v: tuple[str, ...]) -> bool:
     return all(v)
+
+
+def _distinct(v: tuple[str, ...]) -> bool:
+    return len(set(v)) == len(v)
 
 
 def _spec(default: Any, expected: str, check: Callable[[Any], bool]) -> Any:
@@ -283,9 +288,14 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """``output.*``: the run directory; unset means ``runs/<timestamp>-<method>``, chosen by the runner."""
+    """``output.*``: the run directory; unset means ``runs/<timestamp>-<method>``, chosen by the runner.
+
+    trackers: experiment trackers that also receive every round's metrics, the summary and the config
+        (``fedlora.tracking``): "tensorboard", "mlflow", both or none; each needs its optional extra.
+    """
 
     dir: str | None = _spec(None, "a non-empty path (or unset: runs/<timestamp>-<method>)", _non_empty)
+    trackers: tuple[Tracker, ...] = _spec((), 'a list of distinct names from "tensorboard", "mlflow"', _distinct)
 
     def __post_init__(self) -> None:
         _validate(self, "output")
