@@ -332,3 +332,19 @@ def test_eval_max_examples_subsamples_client_splits_once_and_the_baselines(rt_cs
     assert exp.baseline == pytest.approx(torch.bincount(labels).max().item() / len(labels))
     local = exp.clients[0].test["labels"]
     assert exp.clients[0].baseline == pytest.approx(torch.bincount(local).max().item() / len(local))
+
+
+def test_a_run_logs_every_round_and_the_summary_to_tensorboard(rt_csv, tmp_path):
+    """output.trackers reaches the engine: each round's record and the summary are in the run's event files, with
+    the values metrics.jsonl and summary.json hold."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "output.trackers=['tensorboard']")
+    run_dir, summary = engines.run(cfg, tmp_path / "run")
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    accuracy = [(e.step, e.value) for e in events.Scalars("global_accuracy")]
+    records = read_records(run_dir)
+    assert accuracy == [(r["round"], pytest.approx(r["global_accuracy"])) for r in records]
+    (final,) = events.Scalars("summary/final_global_accuracy")
+    assert final.value == pytest.approx(summary["final_global_accuracy"])

@@ -23,6 +23,7 @@ from fedlora import config as cfgmod
 from fedlora import peft_io
 from fedlora.evaluation import global_model, load_global
 from fedlora.experiment import Experiment
+from fedlora.tracking import Trackers
 from fedlora.types import RunState
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,6 +52,19 @@ def start(exp: Experiment, run_dir: Path, resume: bool) -> RunState:
         return state
     (run_dir / "config.toml").write_text(cfgmod.dump_toml(exp.cfg))
     return RunState(1, exp.method.init_server(exp.info, exp.cfg.seed), {})
+
+
+def record_round(run_dir: Path, state: RunState, trackers: Trackers) -> None:
+    """After a round: the checkpoint and metrics.jsonl (atomically), and the round's record to the trackers."""
+    save_checkpoint(run_dir, state)
+    trackers.log_round(state.records[-1])
+
+
+def finish(exp: Experiment, run_dir: Path, state: RunState, trackers: Trackers) -> dict[str, Any]:
+    """After the last round: the outputs and the summary (also to the trackers); returns the summary."""
+    summary = save_outputs(exp, run_dir, state)
+    trackers.log_summary(summary)
+    return summary
 
 
 def save_checkpoint(run_dir: Path, state: RunState) -> None:

@@ -41,7 +41,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import config as cfgmod
-from fedlora import rundir, server
+from fedlora import rundir, server, tracking
 from fedlora.client import ClientOutcome
 from fedlora.engines.flower import records
 from fedlora.engines.flower.client_app import CONFIG, TASK
@@ -227,18 +227,19 @@ def serve(
     exp = build(cfg, clients=())
     state = rundir.start(exp, run_dir, resume)
     nodes = Nodes(grid, cfg)
-    for rnd in range(state.next_round, cfg.federation.rounds + 1):
-        if progress is not None:
-            progress.round_started(rnd, len(server.sample_clients(exp, rnd)))
-        flower_round = FlowerRound(grid, nodes, rnd, progress)
-        started = time.perf_counter()
-        outcomes, failed = flower_round.train(exp, state)
-        server.close_round(exp, state, rnd, outcomes, failed, flower_round.evaluate, started, parallel=True)
-        state.records[-1] |= flower_round.metrics()
-        rundir.save_checkpoint(run_dir, state)
-        if progress is not None:
-            progress.round_done(rnd, state.records[-1])
-    return rundir.save_outputs(exp, run_dir, state)
+    with tracking.open(cfg, run_dir, resume) as trackers:
+        for rnd in range(state.next_round, cfg.federation.rounds + 1):
+            if progress is not None:
+                progress.round_started(rnd, len(server.sample_clients(exp, rnd)))
+            flower_round = FlowerRound(grid, nodes, rnd, progress)
+            started = time.perf_counter()
+            outcomes, failed = flower_round.train(exp, state)
+            server.close_round(exp, state, rnd, outcomes, failed, flower_round.evaluate, started, parallel=True)
+            state.records[-1] |= flower_round.metrics()
+            rundir.record_round(run_dir, state, trackers)
+            if progress is not None:
+                progress.round_done(rnd, state.records[-1])
+        return rundir.finish(exp, run_dir, state, trackers)
 
 
 app = ServerApp()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import config as cfgmod
-from fedlora import rundir, server
+from fedlora import rundir, server, tracking
 from fedlora.client import ClientOutcome, client_round
 from fedlora.engines.inprocess.workers import EvalTask, TrainTask, WorkerPool
 from fedlora.evaluation import Evaluation, collect, evaluate_here, targets
@@ -37,15 +37,15 @@ def run(
         rundir.check_fresh_dir(run_dir)
     exp = build(cfg)
     state = rundir.start(exp, run_dir, resume)
-    with _pool(cfg) as pool:
+    with tracking.open(cfg, run_dir, resume) as trackers, _pool(cfg) as pool:
         for rnd in range(state.next_round, cfg.federation.rounds + 1):
             if progress is not None:
                 progress.round_started(rnd, len(server.sample_clients(exp, rnd)))
             run_round(exp, state, rnd, pool, progress.client_done if progress is not None else None)
-            rundir.save_checkpoint(run_dir, state)
+            rundir.record_round(run_dir, state, trackers)
             if progress is not None:
                 progress.round_done(rnd, state.records[-1])
-    return run_dir, rundir.save_outputs(exp, run_dir, state)
+        return run_dir, rundir.finish(exp, run_dir, state, trackers)
 
 
 def run_round(
