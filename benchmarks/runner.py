@@ -1,13 +1,19 @@
-"""Round-time benchmark of the in-process runner (not a test).
+"""Round-time benchmark of the in-process engine (not a test).
 
     .venv/bin/python benchmarks/runner.py [--clients 4] [--rounds 2] [--steps 10] [--workers 0 2]
                                           [--precision fp32 bf16]
+    .venv/bin/python benchmarks/runner.py --clients 10 --rounds 4 --workers 2 --precision fp32 \
+                                          --eval every=1 every=2,max_examples=50      # evaluation settings
 
 Prints, per precision and worker setting, each round's wall time split into training, aggregation, evaluation
 and everything else (target: everything else + aggregation ≤ 5% of a round), the mean round time of each
 setting as a ratio to float32 with the same workers, and compares the training throughput of
 ``fedlora.training.train_client`` with a bare PyTorch loop (same PEFT model, same batches, AdamW, clipping, same
 autocast) run in the same process, in the same run.
+
+With ``--eval``, runs the same rounds under each evaluation setting (``eval.*`` keys, comma-separated; the first is
+the baseline) and prints each setting's mean round time as a ratio to the baseline's, and whether the rounds both
+settings evaluated report the same metrics (they must, where neither subsamples).
 """
 
 from __future__ import annotations
@@ -64,8 +70,8 @@ def throughput(exp: Experiment, steps: int, repeats: int) -> None:
     )
 
 
-def rounds(cfg: config.ExperimentConfig, n_rounds: int) -> float:
-    """Run ``n_rounds`` rounds, print each one's split; return the mean round time in seconds."""
+def rounds(cfg: config.ExperimentConfig, n_rounds: int) -> tuple[float, list[dict]]:
+    """Run ``n_rounds`` rounds, print each one's split; return the mean round time in seconds and the records."""
     workers, precision, seconds = inprocess.num_workers(cfg), cfg.model.precision, []
     exp = build(cfg)
     state = RunState(1, exp.method.init_server(exp.info, cfg.seed), {})
@@ -81,7 +87,30 @@ def rounds(cfg: config.ExperimentConfig, n_rounds: int) -> float:
                 f"{r['seconds_other']:.3f}; neither training nor evaluation: {100 * overhead / r['seconds']:.2f}% "
                 f"({'PASS' if overhead <= 0.05 * r['seconds'] else 'FAIL'} ≤ 5%); load {os.getloadavg()[0]:.1f}"
             )
-    return sum(seconds) / len(seconds)
+    return sum(seconds) / len(seconds), state.records
+
+
+def compare_eval(base: list[str], settings: list[str], n_rounds: int) -> None:
+    """The same rounds under each ``eval.*`` setting; ratios to the first, and the evaluated rounds' metrics."""
+    runs = {}
+    for setting in settings:
+        overrides = [f"eval.{kv}" for kv in setting.split(",") if kv]
+        cfg = config.load_config(None, [*base, *overrides, f"federation.rounds={n_rounds}"])
+        print(f"-- eval: {setting}")
+        runs[setting] = rounds(cfg, n_rounds)
+    (first, (baseline, reference)), *others = runs.items()
+    for setting, (mean, records) in others:
+        same = [
+            r["round"]
+            for r, ref in zip(records, reference, strict=True)
+            if r["evaluated"] and all(r[k] == ref[k] for k in ("global_accuracy", "global_loss", "local_accuracy"))
+        ]
+        evaluated = [r["round"] for r in records if r["evaluated"]]
+        print(
+            f"eval {setting}: mean round {mean:.1f} s against {baseline:.1f} s with eval {first}: "
+            f"{mean / baseline:.2f}x; evaluated rounds {evaluated}, of which report exactly the baseline's "
+            f"metrics: {same}"
+        )
 
 
 def main() -> None:
@@ -93,12 +122,17 @@ def main() -> None:
     ap.add_argument("--method", default="flora_na")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--eval", nargs="+", help="evaluation settings to compare, e.g. every=1 every=2,max_examples=50")
     args = ap.parse_args()
     base = [
         f"data.num_clients={args.clients}",
         f"train.local_steps={args.steps}",
         f"federation.method={args.method}",
     ]
+    if args.eval:
+        with_setup = [*base, f"model.precision={args.precision[0]}", f"federation.workers={args.workers[0]}"]
+        compare_eval(with_setup, args.eval, args.rounds)
+        return
     mean: dict[tuple[str, int], float] = {}
     for precision in args.precision:
         with_precision = [*base, f"model.precision={precision}"]
@@ -108,7 +142,7 @@ def main() -> None:
         del exp
         for w in args.workers:
             cfg = config.load_config(None, [*with_precision, f"federation.workers={w}"])
-            mean[precision, w] = rounds(cfg, args.rounds)
+            mean[precision, w] = rounds(cfg, args.rounds)[0]
     for (precision, w), seconds in mean.items():
         if precision != "fp32" and ("fp32", w) in mean:
             fp32 = mean["fp32", w]

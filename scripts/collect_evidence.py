@@ -1,10 +1,12 @@
-"""Markdown tables for docs/results.md from the runs of scripts/evidence.sh.
+"""Markdown tables for docs/results.md from the runs of scripts/evidence.sh (or evidence-v1.sh).
 
-    .venv/bin/python scripts/collect_evidence.py [runs/evidence]
+    .venv/bin/python scripts/collect_evidence.py [runs/evidence-v2]
 
-One table per (dataset, alpha, seed) cell (its finished runs, if the grid is still running), per-round global
-loss, divergence and local accuracy of each finished run, a mean ± std table over the seeds of each cell that has
-several, and the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
+One table per cell (dataset, alpha, seed; its finished runs, if the grid is still running) with the majority-class
+shares beside the accuracies, per-round global accuracy, global loss, divergence and local accuracy of each
+finished run (rounds that did not evaluate are blank), a mean ± std table over the seeds of each cell that has
+several, a table per dataset of each method's final global accuracy against the Dirichlet alpha (seed 0), and the
+clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
 with ρ_u = ‖B̃_u‖_F / ‖A_u‖_F (1 means every client has the same LoRA gauge; FLoRA-NA can only beat FedIT by much
 when this spread is large).
 """
@@ -22,7 +24,10 @@ from fedlora.plots import markdown_table, read_metrics
 COLUMNS = [
     ("final_global_accuracy", "final global acc", "{:.4f}"),
     ("best_global_accuracy", "best global acc", "{:.4f}"),
+    ("majority_share", "majority class", "{:.4f}"),
     ("mean_local_accuracy", "mean local acc", "{:.4f}"),
+    ("final_local_accuracy", "final local acc", "{:.4f}"),
+    ("local_majority_share", "local majority", "{:.4f}"),
     ("final_local_global_gap", "local-global gap", "{:+.4f}"),
     ("mean_divergence", "mean divergence", "{:.3g}"),
     ("total_bytes_up", "MB up", "mb"),
@@ -51,8 +56,9 @@ def balance_spread(run: Path) -> tuple[float, float]:
     return (statistics.median(spreads), max(spreads)) if spreads else (float("nan"), float("nan"))
 
 
-PER_ROUND = [("global_loss", "global loss", "{:.4f}"), ("divergence", "divergence", "{:.3g}")]
-PER_ROUND += [("local_accuracy", "local acc", "{:.3f}")]
+PER_ROUND = [("global_accuracy", "global acc", "{:.4f}"), ("global_loss", "global loss", "{:.4f}")]
+PER_ROUND += [("divergence", "divergence", "{:.3g}"), ("local_accuracy", "local acc", "{:.3f}")]
+PER_ROUND += [("local_global_gap", "gap", "{:+.3f}")]
 
 
 def per_round_table(cell: Path, methods: list[str]) -> str:
@@ -91,6 +97,8 @@ def main(root: Path) -> None:
             + "\n"
         )
         by_setting[cell.name.rsplit("-seed", 1)[0]].append(summaries)
+    for dataset in sorted({c.split("-alpha")[0] for c in by_setting}):
+        print(alpha_table(root, dataset))
     for setting, seeds in by_setting.items():
         if len(seeds) < 2:
             continue
@@ -104,5 +112,28 @@ def main(root: Path) -> None:
         print()
 
 
+def alpha_table(root: Path, dataset: str, seed: int = 0) -> str:
+    """Each method's final global accuracy (and mean divergence) against the Dirichlet alpha, 10 clients, one seed."""
+    cells = {}
+    for cell in root.glob(f"{dataset}-alpha*-seed{seed}"):
+        alpha = cell.name.removeprefix(f"{dataset}-alpha").removesuffix(f"-seed{seed}")
+        if alpha.replace(".", "", 1).isdigit():
+            cells[float(alpha)] = finished_runs(cell)
+    alphas = sorted(cells)
+    if len(alphas) < 2:
+        return ""
+    methods = list(dict.fromkeys(m for a in alphas for m in cells[a]))
+    lines = [f"### {dataset}: final global accuracy (mean divergence) against alpha, seed {seed}\n"]
+    lines.append("| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |")
+    lines.append("|---" * (len(alphas) + 1) + "|")
+    majority = [next(iter(cells[a].values())).get("majority_share") for a in alphas]
+    lines.append("| majority class | " + " | ".join("–" if v is None else f"{v:.4f}" for v in majority) + " |")
+    for m in methods:
+        row = [cells[a].get(m) for a in alphas]
+        shown = ["" if s is None else f"{s['final_global_accuracy']:.4f} ({s['mean_divergence']:.3g})" for s in row]
+        lines.append(f"| {m} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/evidence"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/evidence-v2"))

@@ -646,17 +646,36 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, names: Sequence[str] | None =
 
 
 def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per run of the reported numbers (``summary.json``), as a markdown table."""
+    """One row per run of the reported numbers (``summary.json``), as a markdown table: the accuracies with their
+    majority-class baselines beside them (global: the test set's; local: the mean of the clients' own splits), the
+    round of the best global accuracy, the local-global gap, divergence, bytes and wall time."""
     head = (
-        "| method | final global acc | best global acc | mean local acc | final local acc | local-global gap | "
-        "mean divergence | final divergence | MB up | MB down | seconds |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| method | final global acc | majority class | best global acc (round) | mean local acc | final local acc "
+        "| local majority | local-global gap | mean divergence | final divergence | MB up | MB down | seconds |\n"
+        + "|---" * 13
+        + "|\n"
     )
-    rows = [
-        f"| {n} | {s['final_global_accuracy']:.4f} | {s['best_global_accuracy']:.4f} | "
-        f"{s['mean_local_accuracy']:.4f} | {s['final_local_accuracy']:.4f} | {s['final_local_global_gap']:+.4f} | "
-        f"{s['mean_divergence']:.3g} | {s['final_divergence']:.3g} | {s['total_bytes_up'] / 1e6:.2f} | "
-        f"{s['total_bytes_down'] / 1e6:.2f} | {s['wall_seconds']:.0f} |"
-        for n, s in summaries.items()
+    return head + "\n".join(_table_row(name, s) for name, s in summaries.items()) + "\n"
+
+
+def _table_row(name: str, s: Mapping[str, Any]) -> str:
+    def num(key: str, fmt: str = ".4f") -> str:
+        value = s.get(key)
+        return "–" if value is None else format(value, fmt)
+
+    best = num("best_global_accuracy") + (f" ({s['best_round']})" if "best_round" in s else "")
+    cells = [
+        num("final_global_accuracy"),
+        num("majority_share"),
+        best,
+        num("mean_local_accuracy"),
+        num("final_local_accuracy"),
+        num("local_majority_share"),
+        num("final_local_global_gap", "+.4f"),
+        num("mean_divergence", ".3g"),
+        num("final_divergence", ".3g"),
+        f"{s['total_bytes_up'] / 1e6:.2f}",
+        f"{s['total_bytes_down'] / 1e6:.2f}",
+        num("wall_seconds", ".0f"),
     ]
-    return head + "\n".join(rows) + "\n"
+    return f"| {name} | " + " | ".join(cells) + " |"
