@@ -224,42 +224,22 @@ def compare(
     one this command resolves), the others start."""
     from datetime import datetime
 
-    from fedlora import config, methods, plots
+    from fedlora import api, config, plots
 
     path, overrides = _split_config_args(list(ctx.args))
     names = [m.strip() for m in methods_.split(",") if m.strip()]
     try:
-        for name in names:
-            methods.capabilities(name)
         base = config.load_config(path, overrides)
         out = out or Path(base.output.dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare")
-        cfgs = {n: config.with_overrides(base, [f"federation.method={n}", f"output.dir={out / n}"]) for n in names}
-        summaries = {n: _compare_one(c, out / n, resume) for n, c in cfgs.items()}
+        results = api.compare(base, names, out=out, resume=resume, execute=_execute)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         again = " ".join(["fedlora compare", *ctx.args, "--methods", methods_, "--out", str(out), "--resume"])
         _interrupted(again, out)  # out is None only before the config loaded: nothing to resume
-    (out / "comparison.md").write_text(plots.markdown_table(summaries))
-    (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
-    plots.plot_runs([out / n for n in names], out)
-    _report(summaries, [out / n for n in names])
+    plots.plot_runs([r.run_dir for r in results.values()], out)
+    _report({n: dict(r.summary) for n, r in results.items()}, [r.run_dir for r in results.values()])
     console.print(f"comparison: {out / 'comparison.md'}", markup=False, soft_wrap=True)
-
-
-def _compare_one(cfg: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
-    from fedlora import config, rundir
-
-    if not resume or not (run_dir / rundir.CHECKPOINT).exists():
-        return _execute(cfg, run_dir, False)[1]
-    saved = (run_dir / "config.toml").read_text()
-    if saved != config.dump_toml(cfg):
-        raise ValueError(f"--resume: {run_dir}/config.toml differs from this comparison's config; use another --out")
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        console.print(f"{cfg.federation.method}: finished earlier, kept ({summary})")
-        return dict(json.loads(summary.read_text()))
-    return _execute(cfg, run_dir, True)[1]
 
 
 @app.command()
