@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_clients, read_records, tiny_config
-from fedlora import methods, peft_io, runner
+from fedlora import engines, methods, peft_io
 from fedlora.methods.base import ClientInfo, FactorState, ModelInfo, ModuleSpec
 from fedlora.methods.fedrot_lora import aligned_factor, rotate_towards, rotation
 from fedlora.methods.hetlora import pruned_rank, tail_norm
 from fedlora.payload import pack_adapter
-from fedlora.training import apply_plan, regularization
+from fedlora.training import penalty
 from fedlora.types import Contribution, LowRank, Payload, Regularizer
 from test_client_side_methods import A_BYTES, B_BYTES, HEAD_BYTES, SHAPES, W3, dense, keys_of, play, start
 from test_client_side_methods import ideal as ideal_trained
@@ -453,7 +453,7 @@ def test_pruning_rule_golden():
 
 
 def test_pruning_tail_is_the_regularisers_tail_on_a_real_peft_model():
-    """training.regularization (λ = 1) on PEFT's B = B̃/s equals tail_norm of the canonical factors divided by s."""
+    """training.penalty (λ = 1) on PEFT's B = B̃/s equals tail_norm of the canonical factors divided by s."""
     from conftest import tiny_peft
 
     pm = tiny_peft()
@@ -464,7 +464,7 @@ def test_pruning_tail_is_the_regularisers_tail_on_a_real_peft_model():
                 t.copy_(torch.randn(t.shape, generator=gen))
     adapter, _ = peft_io.read_adapter(pm)
     s = 6.0 / 4
-    reg = float(regularization(pm, Regularizer("hetlora_tail", {"lambda": 1.0, "gamma": GAMMA})).detach())
+    reg = float(penalty(peft_io.lora_parameters(pm), Regularizer("hetlora_tail", {"lambda": 1.0, "gamma": GAMMA})))
     assert reg == pytest.approx(tail_norm(adapter, GAMMA) / s, rel=1e-6)
 
 
@@ -559,7 +559,7 @@ def test_pruned_client_trains_at_its_new_rank_with_the_rescaled_peft_scale():
     pruned = {
         m: LowRank(torch.randn(s.d, 3, generator=gen), torch.randn(3, s.k, generator=gen)) for m, s in specs.items()
     }
-    apply_plan(pm, type(plan)(rank=3, adapter=pruned), seed=0)
+    peft_io.load_plan(pm, type(plan)(rank=3, adapter=pruned), seed=0)
     for m, delta in merged_deltas(pm).items():
         assert torch.allclose(delta.double(), pruned[m].dense().double(), atol=1e-5)
 
@@ -577,7 +577,7 @@ def edge_round(method, pm, server, states, rnd, weights, gen):
         plan, cs = method.prepare(
             states.get(c, method.init_client(info)), method.broadcast(server, info, rnd), info, rnd
         )
-        apply_plan(pm, plan, seed=0)
+        peft_io.load_plan(pm, plan, seed=0)
         with torch.no_grad():
             for p in pm.parameters():
                 if p.requires_grad:
@@ -632,7 +632,7 @@ HEAD = (2 * D + 2) * 4
 
 def run_tiny(rt_csv, tmp_path, *extra):
     """A 2-client run of ``tiny_config`` on the packaged MiniLM; returns its directory and round records."""
-    run_dir, _ = runner.run(tiny_config(rt_csv, tmp_path / "run", *extra), tmp_path / "run")
+    run_dir, _ = engines.run(tiny_config(rt_csv, tmp_path / "run", *extra), tmp_path / "run")
     return run_dir, read_records(run_dir)
 
 
