@@ -381,3 +381,15 @@ def test_version_is_the_package_version():
 
     res = cli.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip() == f"fedlora {version('fedlora')}"
+
+
+def test_a_round_without_the_largest_rank_client_still_evaluates_at_the_broadcast_rank(rt_csv, tmp_path):
+    """Zero-padded heterogeneous ranks (FedIT, ranks 2 and 4, one client a round): round 2 samples only the rank-2
+    client, so the global adapter comes out at rank 2; it is padded to the broadcast rank 4 to be evaluated, and
+    the saved adapter applies the same update."""
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "data.num_clients=2", "model.lora.ranks=[2, 4]")
+    cfg = config.with_overrides(cfg, ["federation.clients_per_round=1", "federation.rounds=2"])
+    run_dir, _ = engines.run(cfg, tmp_path / "run")
+    records = read_records(run_dir)
+    assert [r["clients"] for r in records] == [[1], [0]]
+    assert all(r["global_accuracy"] is not None for r in records)
