@@ -393,9 +393,11 @@ def solve(
     best, its = descend(o, *start, solver, max_iter, tol, ridge)
     starts = 1
     if restarts > 0:
-        als_point, als_its = descend(o, *start, "als", max_iter, tol, ridge)
-        its += als_its
-        for p, q in [(als_point.p, als_point.q), *random_starts(o, restarts, seed, ridge)]:
+        points = random_starts(o, restarts, seed, ridge)
+        if solver != "als":  # for als, the descent from FedIT above already is the ALS fixed point
+            als_point, als_its = descend(o, *start, "als", max_iter, tol, ridge)
+            points, its = [(als_point.p, als_point.q), *points], its + als_its
+        for p, q in points:
             found, n = descend(o, p, q, solver, max_iter, tol, ridge)
             best, its, starts = better(best, found), its + n, starts + 1
     return Solution(best.p, best.q, best.f, f0, its, starts)
