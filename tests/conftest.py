@@ -145,3 +145,14 @@ def tiny_gpt2() -> Any:
     torch.manual_seed(0)
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+RT_TEST_EXAMPLES = 48
+"""The global test examples of ``rt_csv`` under ``tiny_config``: round(240 · data.test_fraction = 0.2)."""
+
+
+def assert_counted(accuracy: float, n: int = RT_TEST_EXAMPLES) -> None:
+    """An accuracy counted over n examples is k/n for an integer 0 ≤ k ≤ n; a value out of range, one measured on
+    another number of examples, or an average of unequal batches' accuracies generally is not."""
+    k = round(accuracy * n)
+    assert 0 <= k <= n and abs(accuracy - k / n) <= 1e-9, f"accuracy {accuracy!r} is not a count out of {n}"

@@ -456,3 +456,47 @@ def test_flora_na_diagnostics_and_client_balance_are_reported():
     assert set(report.diagnostics) == set(SHAPES)
     assert len(report.diagnostics["q"]["p"]) == 2
     assert report.client_balance[1] / report.client_balance[0] == pytest.approx(16.0, rel=1e-9)
+
+
+def cancelling_clients(residual: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Two clients whose updates cancel: B_2 = −B_1 + residual·E, so M = ½·residual·E A (exactly 0 for 0)."""
+    gen = torch.Generator().manual_seed(8)
+    B = torch.randn(9, 2, generator=gen, dtype=torch.float64)
+    A = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    E = torch.randn(9, 2, generator=gen, dtype=torch.float64)
+    return [B, -B + residual * E], [A, A], torch.tensor([0.5, 0.5], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("residual", [0.0, 1e-16, 1e-3])
+def test_divergence_is_honest_when_the_ideal_update_cancels(residual):
+    """‖M‖ = 0 must not hide a nonzero error, and a rounding-level ‖M‖ must not blow the divergence up: errors are
+    relative to max(‖M‖, 1e-6·Σ w_u‖B_uA_u‖), which is ‖M‖ whenever M is not a near-total cancellation."""
+    from fedlora.linalg import module_errors
+
+    Bs, As, w = cancelling_clients(residual)
+    gen = torch.Generator().manual_seed(9)
+    cand = LowRank(torch.randn(9, 2, generator=gen, dtype=torch.float64), torch.randn(2, 6, generator=gen).double())
+    err = module_errors(Bs, As, w, [cand], rank=2)
+    M = sum(float(wi) * b @ a for wi, b, a in zip(w, Bs, As, strict=True))
+    mass = sum(float(wi) * float((b @ a).norm()) for wi, b, a in zip(w, Bs, As, strict=True))
+    dense_err = float((M - cand.dense()).norm())
+    scale = max(float(M.norm()), 1e-6 * mass)
+    assert err.error == pytest.approx(dense_err, rel=1e-9)
+    assert err.scale == pytest.approx(scale, rel=1e-6)
+    assert err.divergence == pytest.approx(dense_err / scale, rel=1e-6)
+    assert 0 < err.divergence < 1e7
+    if residual == 1e-3:  # an ordinary M: the divergence is ‖M − ΔW‖ / ‖M‖
+        assert err.divergence == pytest.approx(dense_err / float(M.norm()), rel=1e-9)
+
+
+def test_report_combines_modules_by_their_scales():
+    from fedlora.types import AggregationReport, ModuleError
+
+    a = ModuleError(divergence=0.5, eckart_young=0.1, fedit=0.6, ideal_norm=2.0, error=1.0, scale=2.0)
+    b = ModuleError(divergence=3.0, eckart_young=0.0, fedit=4.0, ideal_norm=0.0, error=3e-6, scale=1e-6)
+    report = AggregationReport({"a": a, "b": b})
+    assert report.error == pytest.approx((1.0 + 9e-12) ** 0.5)
+    assert report.divergence == pytest.approx(((1.0 + 9e-12) / (4.0 + 1e-12)) ** 0.5)
+    assert report.fedit == pytest.approx((((0.6 * 2) ** 2 + (4e-6) ** 2) / (4.0 + 1e-12)) ** 0.5)
+    empty = ModuleError(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    assert AggregationReport({"a": empty}).divergence == 0.0

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,10 +60,23 @@ def gpt2_base(tmp_path_factory) -> Path:
     return path
 
 
-def make_site(base: Path, out: Path, seed: int, targets: list[str], rank: int = R, rslora: bool = False) -> Path:
-    """A site's trained adapter: PEFT init, then random (non-zero) A, B and head, saved by PEFT itself."""
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
-    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=ALPHA, target_modules=targets, use_rslora=rslora)
+def make_site(
+    base: Path,
+    out: Path,
+    seed: int,
+    targets: list[str],
+    rank: int = R,
+    rslora: bool = False,
+    model_class: Any = AutoModelForSequenceClassification,
+    task: TaskType | None = TaskType.SEQ_CLS,
+    init_lora_weights: bool = True,
+) -> Path:
+    """A site's trained adapter: PEFT init, then random (non-zero) A, B and head, saved by PEFT itself. By default
+    a SEQ_CLS adapter on a sequence classifier; ``model_class`` and ``task`` choose another."""
+    kwargs = {"num_labels": 2} if task == TaskType.SEQ_CLS else {}
+    model = model_class.from_pretrained(base, **kwargs)
+    cfg = LoraConfig(task_type=task, r=rank, lora_alpha=ALPHA, target_modules=targets, use_rslora=rslora)
+    cfg.init_lora_weights = init_lora_weights
     pm = get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

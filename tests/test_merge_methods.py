@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import RawClient, ideal, make_clients, read_records, tiny_config
+from conftest import RawClient, assert_counted, ideal, make_clients, read_records, tiny_config
 from fedlora import config, engines, methods, peft_io
 from fedlora.experiment import build
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
@@ -487,6 +487,12 @@ def test_inputs_and_server_state_are_never_mutated(name):
 # Integration: 2 clients × 2 rounds on the packaged MiniLM
 
 
+UPLOAD_RANKS = {"lora_fair": [8, 8], "frlora": [8, 8], "fedloru": [8, 8], "pfedloru": [6, 6], "mfedloru": [4, 8]}
+"""The rank each of the two clients uploads (pFedLoRU: r − personal_rank global components)."""
+FIRST_EDIT = {"frlora": 2 * 4 * 12 * 8 * (384 + 384)}
+"""FRLoRA's first download also holds the initial base edit (W0's rank-r PiSSA part), factored: 12 modules."""
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("method", "extra"),
@@ -503,8 +509,12 @@ def test_two_clients_two_rounds_on_minilm(rt_csv, tmp_path, method, extra):
     run_dir, summary = engines.run(cfg, tmp_path / "run")
     records = read_records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
-    assert all(0.0 <= r["global_accuracy"] <= 1.0 and math.isfinite(r["divergence"]) for r in records)
-    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in records)
+    for r in records:
+        assert_counted(r["global_accuracy"])
+        assert math.isfinite(r["divergence"])
+    upload = sum(4 * (12 * rank * (384 + 384) + 2 * 384 + 2) for rank in UPLOAD_RANKS[method])  # factors + head
+    assert records[0]["bytes_up"] == records[1]["bytes_up"] == upload
+    assert records[0]["bytes_down"] == upload + FIRST_EDIT.get(method, 0)  # round 1: the initial adapter and head
     if methods.capabilities(method).writes_base:
         assert (run_dir / "adapter" / "base_edits.safetensors").exists()
     assert summary["rounds"] == 2

@@ -441,7 +441,7 @@ def test_merge_to_base(kind: str, tmp_path: Path) -> None:
         for m, lr in adapter.items()
     }
     peft_io.write_base_edits(tmp_path / "edits.safetensors", [BaseEdit(1, factored=edits)])
-    peft_io.merge_to_base(str(base_dir), adapter_dir, tmp_path / "edits.safetensors", out_dir, task, num_labels=3)
+    peft_io.merge_to_base(str(base_dir), adapter_dir, tmp_path / "edits.safetensors", out_dir)
     auto = AutoModelForSequenceClassification if kind == "bert" else AutoModelForCausalLM
     merged = auto.from_pretrained(str(out_dir), dtype=torch.float32)
     for m, lr in adapter.items():

@@ -10,21 +10,25 @@ method's server step on them, and writes
 The base-edit format (``fedlora.peft_io.write_base_edits``): per module ``<module>.left`` (d×R) and
 ``<module>.right`` (R×k) and/or ``<module>.dense`` (d×k), in (out, in) orientation, so that
 W_new = W0 + left @ right + dense (transposed once more for GPT-2 Conv1D weights, which are stored (in, out)).
-Everything is written to a temporary directory that is renamed to OUT only when all of it succeeded.
+Inputs are validated before any math runs (every tensor finite and floating-point, no directory twice, one base
+model); outputs may not overwrite an input, the base model or anything that exists. Everything is written to
+temporary directories that are renamed into place only when all of it (the merge included) succeeded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedlora import methods, peft_io
-from fedlora.methods.base import ModelInfo, ModuleSpec
+from fedlora.methods.base import GlobalModel, ModelInfo, ModuleSpec
 from fedlora.payload import pack_adapter, pack_extras
 from fedlora.types import AggregationReport, Contribution, Payload
 from fedlora.validation import normalize_weights
@@ -33,6 +37,7 @@ from fedlora.validation import normalize_weights
 @dataclass(frozen=True)
 class AggregateResult:
     out: Path
+    merged_out: Path | None
     report: AggregationReport
     weights: list[float]
     wrote_base_edits: bool
@@ -48,6 +53,49 @@ def _read_all(dirs: Sequence[Path]) -> list[peft_io.AdapterFile]:
     return files
 
 
+def _overlap(a: Path, b: Path) -> bool:
+    """The same directory, or one inside the other (after resolving symlinks)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_inputs(dirs: Sequence[Path]) -> None:
+    """At least one adapter directory, none given twice (a duplicate would count its site twice)."""
+    if not dirs:
+        raise ValueError("no adapter directories given: the client list is empty")
+    for i, d in enumerate(dirs):
+        for j in range(i):
+            if d.resolve() == dirs[j].resolve():
+                raise ValueError(f"adapter {i} ({d}) is the same directory as adapter {j} ({dirs[j]}); give each once")
+
+
+def check_outputs(outputs: Mapping[str, Path], inputs: Sequence[Path], base_model: str | None) -> None:
+    """Every output is a new or empty directory that neither is nor contains nor lies inside an input adapter
+    directory, the base-model directory or another output."""
+    protected = {f"input adapter {i} ({d})": d for i, d in enumerate(inputs)}
+    if base_model is not None and Path(peft_io.resolve_model_name(base_model)).exists():
+        protected[f"the --base-model directory ({base_model})"] = Path(peft_io.resolve_model_name(base_model))
+    for option, path in outputs.items():
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{option} {path}: exists and is not an empty directory; nothing was written")
+        for what, other in protected.items():
+            if _overlap(path, other):
+                raise ValueError(f"{option} {path} would overwrite {what}: choose a new directory")
+        protected[f"{option} ({path})"] = path
+
+
+def check_same_base(files: Sequence[peft_io.AdapterFile], dirs: Sequence[Path], allow_mixed: bool) -> None:
+    """The adapters name one ``base_model_name_or_path`` (those that name one), unless mixing is allowed."""
+    named = {i: f.config.get("base_model_name_or_path") for i, f in enumerate(files)}
+    named = {i: b for i, b in named.items() if b}
+    if len(set(named.values())) > 1 and not allow_mixed:
+        listing = ", ".join(f"adapter {i} ({dirs[i]}): {b!r}" for i, b in named.items())
+        raise ValueError(
+            f"the adapters were trained on different base models ({listing}); pass --allow-mixed-base if they are "
+            "the same model under different names"
+        )
+
+
 def aggregate_dirs(
     method_name: str,
     dirs: Sequence[str | Path],
@@ -55,19 +103,44 @@ def aggregate_dirs(
     weights: Sequence[float] | None = None,
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
+    *,
+    base_model: str | None = None,
+    merged_out: str | Path | None = None,
+    allow_mixed_base: bool = False,
 ) -> AggregateResult:
-    """One server step of ``method_name`` over PEFT adapter directories; writes OUT atomically."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out}: the directory exists and is not empty")
-    method = methods.build(method_name, params)
+    """One server step of ``method_name`` over PEFT adapter directories; writes OUT (and, with ``base_model``,
+    the merged model to ``merged_out``) by staging everything next to its target and renaming it into place only
+    when all of it succeeded, so a failure leaves nothing behind."""
+    if (merged_out is None) != (base_model is None):
+        raise ValueError("--merged-out and --base-model go together")
     paths = [Path(d) for d in dirs]
-    if not paths:
-        raise ValueError("no adapter directories given: the client list is empty")
+    outputs = {"--out": Path(out)} | ({"--merged-out": Path(merged_out)} if merged_out is not None else {})
+    check_inputs(paths)
+    check_outputs(outputs, paths, base_model)
+    method = methods.build(method_name, params)
     files = _read_all(paths)
+    check_same_base(files, paths, allow_mixed_base)
     w = normalize_weights(weights, len(files), "--weights")
-    ranks = [max(lr.rank for lr in f.adapter.values()) for f in files]
+    report, exported = _server_step(method, files, w, seed)
+    with contextlib.ExitStack() as stack:
+        staged = {option: _staging(stack, path) for option, path in outputs.items()}
+        _write_out(staged["--out"], exported, files[0].config, _summary(method_name, paths, w, report))
+        if base_model is not None:
+            edits = staged["--out"] / peft_io.BASE_EDITS_FILE if exported.base_edits else None
+            try:
+                peft_io.merge_to_base(base_model, staged["--out"], edits, staged["--merged-out"])
+            except (ValueError, TypeError, RuntimeError, OSError) as e:
+                raise ValueError(f"--merged-out with --base-model {base_model}: {e}") from e
+        _publish(staged, outputs)
+    return AggregateResult(outputs["--out"], outputs.get("--merged-out"), report, w.tolist(), bool(exported.base_edits))
+
+
+def _server_step(
+    method: Any, files: Sequence[peft_io.AdapterFile], w: Any, seed: int
+) -> tuple[AggregationReport, GlobalModel]:
+    """Round 1 of the method on the sites' adapters; a zero adapter when the update went into the base (FLoRA)."""
     first = files[0].adapter
+    ranks = [max(lr.rank for lr in f.adapter.values()) for f in files]
     specs = {m: ModuleSpec(*lr.shape) for m, lr in first.items()}
     state = method.init_server(ModelInfo(specs, max(ranks)), seed)
     contributions = [
@@ -76,37 +149,49 @@ def aggregate_dirs(
     ]
     state, report = method.aggregate(state, contributions, rnd=1)
     exported = method.export(state)
-    adapter = exported.adapter
-    if adapter is None:  # the update went entirely into the base (FLoRA): a zero adapter on top
-        adapter = {m: lr.scaled(0.0) for m, lr in first.items()}
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        staging = Path(tmp) / "out"
-        peft_io.write_adapter_dir(staging, adapter, exported.extras, files[0].config)
-        if exported.base_edits:
-            peft_io.write_base_edits(staging / "base_edits.safetensors", exported.base_edits)
-        summary = {
-            "method": method_name,
-            "inputs": [str(p) for p in paths],
-            "weights": w.tolist(),
-            "divergence": report.divergence,
-            "eckart_young": report.eckart_young,
-            "fedit_divergence": report.fedit,
-            "modules": {m: vars(e) for m, e in report.modules.items()},
-            "bytes_up": report.bytes_up,
-            "bytes_down": report.bytes_down,
-        }
-        (staging / "aggregation.json").write_text(json.dumps(summary, indent=2))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        shutil.move(str(staging), str(out))
-    return AggregateResult(out, report, w.tolist(), bool(exported.base_edits))
+    if exported.adapter is None:
+        exported = replace(exported, adapter={m: lr.scaled(0.0) for m, lr in first.items()})
+    return report, exported
 
 
-def num_labels_of(adapter_dir: str | Path) -> int:
-    """Rows of the saved classification head (``classifier``/``score`` weight), 2 when there is none."""
-    extras = peft_io.read_adapter_dir(adapter_dir).extras
-    for name, t in extras.items():
-        if name.endswith(("classifier.weight", "score.weight", "out_proj.weight")) and t.ndim == 2:
-            return int(t.shape[0])
-    return 2
+def _summary(method_name: str, paths: Sequence[Path], w: Any, report: AggregationReport) -> dict[str, Any]:
+    return {
+        "method": method_name,
+        "inputs": [str(p) for p in paths],
+        "weights": w.tolist(),
+        "divergence": report.divergence,
+        "error": report.error,
+        "eckart_young": report.eckart_young,
+        "fedit_divergence": report.fedit,
+        "modules": {m: vars(e) for m, e in report.modules.items()},
+        "bytes_up": report.bytes_up,
+        "bytes_down": report.bytes_down,
+    }
+
+
+def _write_out(directory: Path, exported: GlobalModel, config: Mapping[str, Any], summary: dict[str, Any]) -> None:
+    assert exported.adapter is not None
+    peft_io.write_adapter_dir(directory, exported.adapter, exported.extras, config)
+    if exported.base_edits:
+        peft_io.write_base_edits(directory / peft_io.BASE_EDITS_FILE, exported.base_edits)
+    (directory / "aggregation.json").write_text(json.dumps(summary, indent=2))
+
+
+def _staging(stack: contextlib.ExitStack, target: Path) -> Path:
+    """A fresh directory on the target's filesystem (next to it), removed when ``stack`` closes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}."))) / "o"
+
+
+def _publish(staged: Mapping[str, Path], targets: Mapping[str, Path]) -> None:
+    """Rename every staged directory onto its target (a missing or empty directory); if one rename fails, the
+    targets already renamed are removed again."""
+    done: list[Path] = []
+    try:
+        for option, target in targets.items():
+            os.replace(staged[option], target)
+            done.append(target)
+    except OSError:
+        for target in done:
+            shutil.rmtree(target, ignore_errors=True)
+        raise

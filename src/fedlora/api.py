@@ -127,6 +127,34 @@ def _compare_one(cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool, exec
     return _result(run_dir, cfg, execute(cfg, run_dir, True)[1])
 
 
+def aggregate(
+    adapter_dirs: Sequence[str | Path],
+    method: str,
+    out: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    merged_out: str | Path | None = None,
+    allow_mixed_base: bool = False,
+) -> Any:
+    """One server step of ``method`` over PEFT adapter directories trained elsewhere (what ``fedlora aggregate``
+    does): writes the aggregated adapter to ``out`` (and the merged model to ``merged_out`` with ``base_model``),
+    refusing to overwrite any input or non-empty directory; returns the ``AggregateResult`` (report, weights)."""
+    from fedlora.aggregate_dirs import aggregate_dirs
+
+    return aggregate_dirs(
+        method,
+        adapter_dirs,
+        out,
+        weights,
+        params,
+        base_model=base_model,
+        merged_out=merged_out,
+        allow_mixed_base=allow_mixed_base,
+    )
+
+
 def _result(run_dir: Path, cfg: cfgmod.ExperimentConfig, summary: Mapping[str, Any]) -> RunResult:
     lines = (run_dir / rundir.METRICS).read_text().splitlines()
     return RunResult(run_dir, cfg, summary, [json.loads(line) for line in lines if line.strip()])

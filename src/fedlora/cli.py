@@ -8,13 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json
-import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,8 +49,9 @@ def main_options(
     """Federated fine-tuning with LoRA."""
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+def _fail(message: str) -> NoReturn:
+    """Print ``error: <message>`` (the message escaped, so rich never reads its brackets as markup) and exit 2."""
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, never cropped
     raise typer.Exit(2)
 
 
@@ -273,50 +273,75 @@ def plot(
 def aggregate(
     adapter_dirs: Annotated[list[Path], typer.Argument(help="PEFT adapter directories, one per site.")],
     method: Annotated[str, typer.Option(help="A registered method (see `fedlora methods`).")],
-    out: Annotated[Path, typer.Option(help="Output PEFT adapter directory (must not exist or be empty).")],
+    out: Annotated[Path, typer.Option(help="Output PEFT adapter directory (new, or an empty directory).")],
     weights: Annotated[str | None, typer.Option(help="Comma-separated client weights (default uniform).")] = None,
     param: Annotated[list[str] | None, typer.Option(help="A method hyperparameter key=value (repeatable).")] = None,
     base_model: Annotated[str | None, typer.Option(help="Base model id or path, for --merged-out.")] = None,
-    merged_out: Annotated[Path | None, typer.Option(help="Also write the merged full model here.")] = None,
+    merged_out: Annotated[Path | None, typer.Option(help="Also write the merged full model here (new).")] = None,
+    allow_mixed_base: Annotated[
+        bool, typer.Option("--allow-mixed-base", help="Accept adapters naming different base models.")
+    ] = False,
 ) -> None:
     """Aggregate adapters trained at several sites into one PEFT adapter (+ base edits where the method makes them)."""
-    from fedlora import peft_io
-    from fedlora.aggregate_dirs import aggregate_dirs, num_labels_of
+    request = _parse_aggregate(adapter_dirs, method, out, weights, param, base_model, merged_out, allow_mixed_base)
+    _report_aggregate(_run_aggregate(request))
+
+
+def _parse_aggregate(
+    dirs: list[Path],
+    method: str,
+    out: Path,
+    weights: str | None,
+    param: list[str] | None,
+    base_model: str | None,
+    merged_out: Path | None,
+    allow_mixed_base: bool,
+) -> dict[str, Any]:
+    """The keyword arguments of ``aggregate_dirs`` from the command line's strings."""
     from fedlora.config import parse_value
 
-    if (merged_out is None) != (base_model is None):
-        _fail("--merged-out and --base-model go together")
     try:
         w = [float(x) for x in weights.split(",")] if weights else None
     except ValueError:
         _fail(f"--weights {weights!r}: expected comma-separated numbers")
     try:
         params = dict(_parse_param(p, parse_value) for p in param or [])
-        result = aggregate_dirs(method, adapter_dirs, out, w, params)
+    except ValueError as e:
+        _fail(str(e))
+    return {
+        "method_name": method,
+        "dirs": dirs,
+        "out": out,
+        "weights": w,
+        "params": params,
+        "base_model": base_model,
+        "merged_out": merged_out,
+        "allow_mixed_base": allow_mixed_base,
+    }
+
+
+def _run_aggregate(request: dict[str, Any]) -> Any:
+    """``aggregate_dirs``; any error becomes one ``error:`` line and exit code 2 (nothing is written then)."""
+    from fedlora.aggregate_dirs import aggregate_dirs
+
+    try:
+        return aggregate_dirs(**request)
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         _fail(str(e))
-    if merged_out is not None and base_model is not None:
-        merged_existed = merged_out.exists()
-        try:
-            edits = out / "base_edits.safetensors" if result.wrote_base_edits else None
-            task = "causal_lm" if _task_type(out) == "CAUSAL_LM" else "seq_cls"
-            peft_io.merge_to_base(base_model, out, edits, merged_out, task, num_labels=num_labels_of(out))
-        except (ValueError, TypeError, RuntimeError, OSError) as e:
-            shutil.rmtree(out, ignore_errors=True)  # nothing half-done is left behind
-            if not merged_existed:
-                shutil.rmtree(merged_out, ignore_errors=True)
-            _fail(f"--merged-out with --base-model {base_model}: {e}")
-    table = Table(title=f"{method}: divergence from the ideal update Σ w_u s_u B_u A_u")
-    for col in ("module", "divergence", "Eckart–Young", "FedIT"):
-        table.add_column(col, justify="right" if col != "module" else "left")
-    for m, e in result.report.modules.items():
-        table.add_row(m, f"{e.divergence:.3e}", f"{e.eckart_young:.3e}", f"{e.fedit:.3e}")
+
+
+def _report_aggregate(result: Any) -> None:
+    """The per-module errors as a table, then the weights and what was written."""
     r = result.report
-    table.add_row("overall", f"{r.divergence:.3e}", f"{r.eckart_young:.3e}", f"{r.fedit:.3e}")
+    table = Table(title=f"divergence from the ideal update Σ w_u s_u B_u A_u (relative; {r.error:.3e} absolute)")
+    for col in ("module", "divergence", "Eckart–Young", "FedIT", "‖M − ΔW‖"):
+        table.add_column(col, justify="right" if col != "module" else "left")
+    for m, e in r.modules.items():
+        table.add_row(escape(m), f"{e.divergence:.3e}", f"{e.eckart_young:.3e}", f"{e.fedit:.3e}", f"{e.error:.3e}")
+    table.add_row("overall", f"{r.divergence:.3e}", f"{r.eckart_young:.3e}", f"{r.fedit:.3e}", f"{r.error:.3e}")
     console.print(table)
-    console.print(
-        f"weights {[f'{x:.4f}' for x in result.weights]}; wrote {out}" + (f" and {merged_out}" if merged_out else "")
-    )
+    written = f"{result.out}" + (f" and {result.merged_out}" if result.merged_out is not None else "")
+    console.print(escape(f"weights {[f'{x:.4f}' for x in result.weights]}; wrote {written}"))
 
 
 def _parse_param(text: str, parse_value: Any) -> tuple[str, Any]:
@@ -324,10 +349,6 @@ def _parse_param(text: str, parse_value: Any) -> tuple[str, Any]:
         raise ValueError(f"--param {text!r}: expected key=value")
     key, value = text.split("=", 1)
     return key.strip().removeprefix("method."), parse_value(value)
-
-
-def _task_type(adapter_dir: Path) -> str | None:
-    return json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
 
 
 @app.command("methods")

@@ -7,14 +7,16 @@ A = [A_1; …; A_U] (n×k), n = Σ r_u.
 * ``truncated_svd``: the best rank-r approximation of M (Eckart–Young, FlexLoRA) from a QR of each stack and an
   SVD of the small n×n core R_B R_Aᵀ, switching to a dense SVD only when n ≳ 0.8·min(d, k) (where the core is
   as large as M and forming M is cheaper).
-* ``module_errors``: ‖M − XY‖_F / ‖M‖_F for any factored candidate XY, by identity (A1):
-  ‖XY − M‖² = ⟨XᵀX, YYᵀ⟩ − 2 Σ_t w_t ⟨XᵀB_t, Y A_tᵀ⟩ + ‖M‖², with ‖M‖² = Σ σ_i² from the SVD core.
+* ``module_errors``: ‖M − XY‖_F for any factored candidate XY, by identity (A1):
+  ‖XY − M‖² = ⟨XᵀX, YYᵀ⟩ − 2 Σ_t w_t ⟨XᵀB_t, Y A_tᵀ⟩ + ‖M‖², with ‖M‖² = Σ σ_i² from the SVD core; relative to
+  ``error_scale`` = max(‖M‖, NEGLIGIBLE·Σ_u |w_u|‖B_uA_u‖), which is ‖M‖ unless M is a near-total cancellation.
 All of it runs in float64 (the identity subtracts terms of size ‖M‖², so fp32 would resolve only ~1e-3), except a
 large M on the dense route (``DENSE_FP32_SIZE``), which is formed in float32 and measured directly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +36,12 @@ DENSE_FP32_SIZE = 1 << 16
 straightforward dense implementation does (float64 would make fedlora up to 2× slower than that baseline). ‖M‖² is then
 accumulated in float64 from the float32 M, and ``module_errors`` measures ‖M − candidate‖ directly on the formed
 matrix instead of by the cancelling identity (A1), so divergences keep a ~1e-6 resolution there."""
+
+
+NEGLIGIBLE = 1e-6
+"""An ideal update smaller than NEGLIGIBLE·Σ_u |w_u|‖B_uA_u‖_F is a near-total cancellation of the clients' updates
+(at float32 training precision, rounding level); relative errors are then taken against this floor, so that they
+neither vanish nor explode (``error_scale``)."""
 
 
 def weighted_stacks(
@@ -163,6 +171,28 @@ def concat(parts: Sequence[LowRank]) -> LowRank:
     return LowRank(torch.cat([p.B.to(F64) for p in parts], 1), torch.cat([p.A.to(F64) for p in parts], 0))
 
 
+def client_mass(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor) -> float:
+    """Σ_u |w_u| ‖B_u A_u‖_F, from r×r Grams: ‖B_uA_u‖² = ⟨B_uᵀB_u, A_uA_uᵀ⟩. Cost Σ_u (d+k)r_u², float64."""
+    total = 0.0
+    for w, B, A in zip(weights.tolist(), Bs, As, strict=True):
+        B, A = B.to(F64), A.to(F64)
+        total += abs(w) * max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0) ** 0.5
+    return total
+
+
+def error_scale(ideal_norm: float, mass: float) -> float:
+    """What errors are relative to: max(‖M‖, NEGLIGIBLE·Σ_u |w_u|‖B_uA_u‖). Equal to ‖M‖ except where M is a
+    near-total cancellation (then the floor), and 0 only when every client update is 0."""
+    return max(ideal_norm, NEGLIGIBLE * mass)
+
+
+def relative(error: float, scale: float) -> float:
+    """error / scale; a zero scale gives 0 for a zero error and inf otherwise (never a silent 0)."""
+    if scale > 0:
+        return error / scale
+    return 0.0 if error == 0 else math.inf
+
+
 def module_errors(
     Bs: Sequence[Tensor],
     As: Sequence[Tensor],
@@ -171,7 +201,8 @@ def module_errors(
     rank: int,
     fedit_weights: Tensor | None = None,
 ) -> ModuleError:
-    """Errors of one module against M = Σ w_u B_u A_u, all from factors.
+    """Errors of one module against M = Σ w_u B_u A_u, all from factors: absolute, and relative to
+    ``error_scale`` (= ‖M‖ unless M is a near-total cancellation of the client updates).
 
     applied: the terms the model actually receives this round (adapter, base edit, ...), summed.
     rank: the broadcast rank, at which the Eckart–Young bound is reported.
@@ -186,20 +217,21 @@ def module_errors(
         svd = _core_svd(Bw, A, vectors=False)
         error2 = partial(_factored_error2, Bw, A, svd.energy())
     energy = svd.energy()
-    err2 = error2(applied) if applied else energy
+    err = (error2(applied) if applied else energy) ** 0.5
     r_max = max(b.shape[1] for b in Bs)
     fw = weights if fedit_weights is None else fedit_weights
     fedit_B = weighted_mean([_pad_cols(b, r_max) for b in Bs], fw)
     fedit_A = weighted_mean([_pad_rows(a, r_max) for a in As], fw)
-    fedit2 = error2([LowRank(fedit_B, fedit_A)])
+    fedit = error2([LowRank(fedit_B, fedit_A)]) ** 0.5
     norm = energy**0.5
-    if norm == 0.0:
-        return ModuleError(0.0, 0.0, 0.0, 0.0)
+    scale = error_scale(norm, client_mass(Bs, As, weights))
     return ModuleError(
-        divergence=err2**0.5 / norm,
-        eckart_young=svd.tail(rank) / norm,
-        fedit=fedit2**0.5 / norm,
+        divergence=relative(err, scale),
+        eckart_young=relative(svd.tail(rank), scale),
+        fedit=relative(fedit, scale),
         ideal_norm=norm,
+        error=err,
+        scale=scale,
     )
 
 

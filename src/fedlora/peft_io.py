@@ -56,8 +56,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -67,6 +71,7 @@ from transformers.utils import logging as hf_logging
 
 from fedlora.methods.base import ModuleSpec, fresh_adapter
 from fedlora.types import Adapter, BaseEdit, Factor, LowRank, TrainPlan
+from fedlora.validation import check_tensor
 
 Task = Literal["seq_cls", "causal_lm"]
 Variant = Literal["lora", "dora", "hira"]
@@ -89,6 +94,17 @@ _EDITS_META = "fedlora_base_edits"
 _EDITS_FORMAT_VERSION = 1
 _TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
 _DEFAULT_TARGETS = (["c_attn"], ["q_proj", "v_proj"], ["query", "value"])
+_AUTO_CLASSES: dict[str | None, Any] = {
+    None: AutoModel,
+    "FEATURE_EXTRACTION": AutoModel,
+    "SEQ_CLS": AutoModelForSequenceClassification,
+    "TOKEN_CLS": AutoModelForTokenClassification,
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
+    "QUESTION_ANS": AutoModelForQuestionAnswering,
+}
+"""PEFT task_type → the transformers class an adapter of that task was trained on (unset: the bare model)."""
+_HEAD_SUFFIXES = ("classifier.weight", "score.weight", "out_proj.weight", "qa_outputs.weight")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,6 +165,33 @@ def load_base_model(name: str, task: Task, num_labels: int = 2) -> PreTrainedMod
         with _quiet_transformers():
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_TYPES)}")
+
+
+def load_base_model_for(name: str, adapter: AdapterFile) -> PreTrainedModel:
+    """Load (float32) the base model class ``adapter`` was trained on: by its PEFT ``task_type`` (SEQ_CLS →
+    AutoModelForSequenceClassification with as many labels as its head has rows, CAUSAL_LM → AutoModelForCausalLM,
+    …), the architecture's bare model (AutoModel) when ``task_type`` is unset."""
+    task = adapter.config.get("task_type")
+    if task not in _AUTO_CLASSES:
+        raise ValueError(
+            f"adapter task_type {task!r} is not supported; expected one of {sorted(map(str, _AUTO_CLASSES))}"
+        )
+    kwargs = {"num_labels": head_rows(adapter.extras) or 2} if task in ("SEQ_CLS", "TOKEN_CLS") else {}
+    with _quiet_transformers():
+        model = _AUTO_CLASSES[task].from_pretrained(resolve_model_name(name), dtype=torch.float32, **kwargs)
+    eos = model.config.eos_token_id
+    if task == "SEQ_CLS" and model.config.pad_token_id is None and isinstance(eos, int):
+        model.config.pad_token_id = eos
+    return model
+
+
+def head_rows(extras: Mapping[str, Tensor]) -> int | None:
+    """Rows of a saved classification head (``classifier`` / ``score`` / ``out_proj`` / ``qa_outputs`` weight), or
+    None when the adapter carries none."""
+    for name, t in sorted(extras.items()):
+        if name.endswith(_HEAD_SUFFIXES) and t.ndim == 2:
+            return int(t.shape[0])
+    return None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -458,8 +501,24 @@ def write_adapter(
     factors = fresh_adapter(module_specs(peft_model), rank, seed) if adapter is None else adapter
     tensors = _peft_tensors(factors, _scales(peft_model), kind) | {f"{_PREFIX}{n}": t for n, t in kept.items()}
     result = set_peft_model_state_dict(peft_model, tensors, adapter_name=peft_model.active_adapter)
-    if result.unexpected_keys:
-        raise RuntimeError(f"write_adapter: PEFT did not load {sorted(result.unexpected_keys)[:4]}")
+    check_loaded(result, peft_model, "write_adapter")
+
+
+def check_loaded(result: Any, peft_model: PeftModel, where: str) -> None:
+    """Fail unless every given adapter tensor landed in the model and every adapter parameter of the model got one.
+
+    ``result``: PEFT's load result (``missing_keys``, ``unexpected_keys``). Missing keys of the frozen base weights
+    are expected (an adapter file holds none); those of the active adapter's parameters are not."""
+    name = peft_model.active_adapter
+    missing = sorted(k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}"))
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: the adapter did not load completely into {type(_root(peft_model)).__name__}: "
+            f"{len(unexpected)} tensor(s) matched no parameter, first {unexpected[:3]}; {len(missing)} adapter "
+            f"parameter(s) got no tensor, first {missing[:3]} (a base model whose module paths differ from the "
+            "adapter's?)"
+        )
 
 
 def lora_parameters(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
@@ -735,11 +794,13 @@ def _read_config(file: Path) -> dict[str, Any]:
 
 def read_adapter_dir(path: str | Path) -> AdapterFile:
     """Read what ``PeftModel.save_pretrained`` writes (adapter_config.json + adapter_model.safetensors); LoRA,
-    DoRA and HiRA adapters."""
+    DoRA and HiRA adapters. Every tensor (factors, head, magnitudes) must be floating-point and finite."""
     directory = Path(path)
     config = _read_config(directory / ADAPTER_CONFIG)
     weights = directory / ADAPTER_WEIGHTS
     tensors, _ = _load_safetensors(weights)
+    for key, t in sorted(tensors.items()):
+        check_tensor(t, f"{weights}: tensor {key!r}")
     As, Bs, extras = _split_state_dict(tensors, str(weights), config["peft_type"])
     where = str(directory / ADAPTER_CONFIG)
     scales = {m: _config_scale(config, m, int(As[m].shape[0]), where) for m in sorted(As)}
@@ -759,14 +820,17 @@ def write_adapter_dir(
     """Write a directory ``PeftModel.from_pretrained(base, path)`` loads, applying exactly ΔW = B̃A.
 
     adapter_config.json is ``template_config`` (e.g. from ``read_adapter_dir`` or ``peft_config_dict``) with
-    r = the adapter's rank and no rank_pattern; adapter_model.safetensors holds lora_A = A and lora_B = B̃ / s
+    r = the adapter's rank, no rank_pattern and PEFT's default initialisation (``init_lora_weights = true``; HiRA
+    ``init_weights``), so that a partial load elsewhere could only leave B = 0, never random factors;
+    adapter_model.safetensors holds lora_A = A and lora_B = B̃ / s
     (s from the template's α, alpha_pattern and rsLoRA at that r) and the extras, under PEFT's saved key names.
     A HiRA template (peft_type "HIRA") writes hira_A = A and hira_B = B̃ (s = 1).
     """
     ranks = sorted({lr.rank for lr in adapter.values()})
     if len(ranks) != 1:
         raise ValueError(f"write_adapter_dir: every module needs the same rank, got ranks {ranks}")
-    values = dict(template_config) | {"r": ranks[0], "rank_pattern": {}, "inference_mode": True}
+    init_key = "init_weights" if template_config.get("peft_type") == "HIRA" else "init_lora_weights"
+    values = dict(template_config) | {"r": ranks[0], "rank_pattern": {}, "inference_mode": True, init_key: True}
     config = PeftConfig.from_peft_type(**values)
     if not isinstance(config, (LoraConfig, HiraConfig)):
         raise ValueError(
@@ -785,29 +849,72 @@ def merge_to_base(
     adapter_dir: str | Path,
     base_edits_path: str | Path | None,
     out_dir: str | Path,
-    task: Task,
-    *,
-    num_labels: int = 2,
 ) -> Path:
     """Save a plain transformers model W = W0 + base edits + B̃A (and the tokenizer) to ``out_dir``.
 
-    The base edits (``write_base_edits`` format) are added first (transposed for Conv1D), then the adapter is
-    loaded with ``PeftModel.from_pretrained`` and merged with ``merge_and_unload``. ``num_labels`` must match
-    the head the adapter was trained with (``seq_cls``).
+    The base model class is the one the adapter was trained on (``load_base_model_for``). Module paths are matched
+    as they are, or with the architecture's base prefix (``bert.``, ``transformer.``) added or removed when only
+    that makes every one of them exist (``module_paths``). The base edits (``write_base_edits`` format) are added
+    first (transposed for Conv1D); then the adapter is loaded, every tensor checked to have landed
+    (``check_loaded``), and merged with ``merge_and_unload``.
     """
-    config = _read_config(Path(adapter_dir) / ADAPTER_CONFIG)
-    if not (Path(adapter_dir) / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{Path(adapter_dir) / ADAPTER_WEIGHTS} does not exist")
-    model = load_base_model(base_model_name_or_path, task, num_labels)
+    directory = Path(adapter_dir)
+    adapter = read_adapter_dir(directory)
+    model = load_base_model_for(base_model_name_or_path, adapter)
+    where = f"merging {directory} into {base_model_name_or_path}"
+    paths = module_paths(model, [*adapter.adapter, *(n.rsplit(".", 1)[0] for n in adapter.extras)], where)
     if base_edits_path is not None:
         edits = read_base_edits(base_edits_path)
-        _refuse_hira_edits(config["peft_type"], [edits], f"merge_to_base {base_edits_path}")
+        _refuse_hira_edits(adapter.config["peft_type"], [edits], f"merge_to_base {base_edits_path}")
+        edits = BaseEdit(
+            edits.version,
+            {paths[m]: lr for m, lr in edits.factored.items()},
+            {paths[m]: d for m, d in edits.dense.items()},
+        )
         _add_deltas(_edit_targets(model, edits))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = _load_checked(model, directory, adapter, paths, where).merge_and_unload()
     out = Path(out_dir)
     merged.save_pretrained(str(out))
     load_tokenizer(base_model_name_or_path).save_pretrained(str(out))
     return out
+
+
+def module_paths(model: nn.Module, modules: Sequence[str], where: str) -> dict[str, str]:
+    """Adapter module path → the model's: the same path, or with ``model.base_model_prefix`` added (an adapter
+    saved on the bare model, e.g. ``BertModel``) or removed (saved on a model with a head), whichever makes every
+    path exist. Refuses, naming the first paths that do not exist, when none does."""
+    names = {n for n, _ in model.named_modules()}
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    candidates = [lambda m: m, lambda m: prefix + m, lambda m: m.removeprefix(prefix)]
+    for rename in candidates if prefix != "." else candidates[:1]:
+        if all(rename(m) in names for m in modules):
+            return {m: rename(m) for m in modules}
+    absent = [m for m in modules if m not in names]
+    raise ValueError(
+        f"{where}: {type(model).__name__} has no module {absent[:3]} ({len(absent)} of the adapter's "
+        f"{len(modules)} module paths), not even with its base prefix {prefix!r} added or removed; its modules are "
+        f"named like {sorted(n for n in names if n)[:3]}"
+    )
+
+
+def _load_checked(
+    model: PreTrainedModel, directory: Path, adapter: AdapterFile, paths: Mapping[str, str], where: str
+) -> PeftModel:
+    """Wrap ``model`` with the adapter's PEFT config and load its tensors (module paths renamed by ``paths``),
+    checking that everything landed (``check_loaded``)."""
+    config = PeftConfig.from_peft_type(**(adapter.config | {"inference_mode": True}))
+    with _quiet_transformers():
+        peft_model = get_peft_model(model, config)
+    tensors, _ = _load_safetensors(directory / ADAPTER_WEIGHTS)
+    renamed = {_PREFIX + _rename_key(k.removeprefix(_PREFIX), paths): t for k, t in tensors.items()}
+    check_loaded(set_peft_model_state_dict(peft_model, renamed, adapter_name="default"), peft_model, where)
+    return peft_model
+
+
+def _rename_key(name: str, paths: Mapping[str, str]) -> str:
+    """``<module>.<tensor>`` with the longest matching module path replaced by the model's path."""
+    module = max((m for m in paths if name.startswith(f"{m}.")), key=len, default=None)
+    return name if module is None else paths[module] + name[len(module) :]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -145,6 +145,7 @@ def round_record(
         record[f"local_{exp.task.baseline_name}"] = float(np.mean([b for b in local if b is not None]))
     return record | {
         "divergence": report.divergence,
+        "divergence_abs": report.error,
         "eckart_young": report.eckart_young,
         "fedit_divergence": report.fedit,
         "divergence_per_module": {m: e.divergence for m, e in report.modules.items()},

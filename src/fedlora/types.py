@@ -8,6 +8,7 @@ transposed at the PEFT edge (``fedlora.peft_io``) and nowhere else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -163,10 +164,14 @@ class Contribution:
 
 @dataclass(frozen=True)
 class ModuleError:
-    """Aggregation error of one module, relative to the ideal update M = Σ w_u B̃_u A_u.
+    """Aggregation error of one module against the ideal update M = Σ w_u B̃_u A_u.
 
-    divergence: ‖M − ΔW_applied‖_F / ‖M‖_F (0 for exact methods).
-    eckart_young: ‖M − M_r‖_F / ‖M‖_F with M_r the best update of the broadcast rank r.
+    Relative errors are divided by ``scale`` = max(‖M‖_F, 1e-6·Σ_u w_u‖B̃_uA_u‖_F) (``linalg.error_scale``): that
+    is ‖M‖_F unless M is a near-total cancellation of the clients' updates, where dividing by ‖M‖ would explode
+    (and a zero M would hide a nonzero error).
+
+    divergence: ‖M − ΔW_applied‖_F / scale (0 for exact methods); error: ‖M − ΔW_applied‖_F itself.
+    eckart_young: ‖M − M_r‖_F / scale with M_r the best update of the broadcast rank r.
     fedit: the divergence FedIT's ΣwB·ΣwA would have (the reference every method is compared with).
     ideal_norm: ‖M‖_F.
     """
@@ -175,6 +180,8 @@ class ModuleError:
     eckart_young: float
     fedit: float
     ideal_norm: float
+    error: float
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -193,14 +200,22 @@ class AggregationReport:
     client_balance: Sequence[float] = ()
 
     def _overall(self, attr: str) -> float:
-        num = sum((getattr(e, attr) * e.ideal_norm) ** 2 for e in self.modules.values())
-        den = sum(e.ideal_norm**2 for e in self.modules.values())
-        return float((num / den) ** 0.5) if den > 0 else 0.0
+        """sqrt(Σ_m (err_m·scale_m)²) / sqrt(Σ_m scale_m²): the relative error of all modules taken together."""
+        num = sum((getattr(e, attr) * e.scale) ** 2 for e in self.modules.values() if e.scale > 0)
+        den = sum(e.scale**2 for e in self.modules.values())
+        if den > 0:
+            return float((num / den) ** 0.5)
+        return 0.0 if all(getattr(e, attr) == 0 for e in self.modules.values()) else math.inf
 
     @property
     def divergence(self) -> float:
-        """Overall relative divergence: sqrt(Σ_m ‖M_m − ΔW_m‖²) / sqrt(Σ_m ‖M_m‖²)."""
+        """Overall relative divergence: sqrt(Σ_m ‖M_m − ΔW_m‖²) / sqrt(Σ_m scale_m²)."""
         return self._overall("divergence")
+
+    @property
+    def error(self) -> float:
+        """Overall absolute divergence sqrt(Σ_m ‖M_m − ΔW_m‖²)."""
+        return float(sum(e.error**2 for e in self.modules.values()) ** 0.5)
 
     @property
     def eckart_young(self) -> float:

@@ -5,7 +5,7 @@ One bad update must fail loudly before any aggregation math runs, so nothing hal
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -33,10 +33,30 @@ def check_updates(adapters: Sequence[Adapter], clients: Sequence[int | str]) -> 
                     f"client {client}, module {module}: update shape (d, k) = {lr.shape}, expected "
                     f"{ref[module].shape} as sent by client {ref_client} (mismatched model or weight layout)"
                 )
-            for name, t in (("A", lr.A), ("B", lr.B)):
-                if not torch.isfinite(t).all():
-                    bad = int((~torch.isfinite(t)).sum())
-                    raise ValueError(f"client {client}, module {module}: lora {name} has {bad} NaN/Inf values")
+            check_tensor(lr.A, f"client {client}, module {module}: lora A")
+            check_tensor(lr.B, f"client {client}, module {module}: lora B")
+
+
+def check_tensor(t: Tensor, what: str) -> None:
+    """A floating-point tensor of finite values; the error names ``what``, the bad value and its index."""
+    if not t.is_floating_point():
+        raise ValueError(f"{what} has dtype {t.dtype}; expected a floating-point tensor")
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{what} has {int(bad.sum())} NaN/Inf values (first {float(t[first])} at index {first}); expected finite"
+        )
+
+
+def check_extras(extras: Sequence[Mapping[str, Tensor]], clients: Sequence[int | str]) -> None:
+    """Every client sends the same fully trained tensors (head, DoRA magnitudes), each floating-point and finite."""
+    names = set(extras[0]) if extras else set()
+    for client, named in zip(clients, extras, strict=True):
+        if set(named) != names:
+            raise ValueError(f"client {client} sent fully trained tensors {sorted(named)}, expected {sorted(names)}")
+        for name, t in sorted(named.items()):
+            check_tensor(t, f"client {client}: tensor {name}")
 
 
 def check_equal_ranks(adapters: Sequence[Adapter], clients: Sequence[int | str], method: str) -> None:

@@ -49,7 +49,7 @@ from fedlora.types import (
     Regularizer,
     TrainPlan,
 )
-from fedlora.validation import check_equal_ranks, check_updates
+from fedlora.validation import check_equal_ranks, check_extras, check_updates
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,8 @@ class FactorMethod:
         clients = [c.client for c in contributions]
         adapters = [unpack_adapter(c.payload.tensors, f"client {c.client}") for c in contributions]
         check_updates(adapters, clients)
+        extras_in = [unpack_extras(c.payload.tensors) for c in contributions]
+        check_extras(extras_in, clients)
         if self.capabilities.heterogeneous_ranks == "no":
             check_equal_ranks(adapters, clients, self.name)
         weights = torch.tensor([c.weight for c in contributions], dtype=torch.float64)
@@ -244,7 +246,7 @@ class FactorMethod:
         edits = state.base_edits
         if out.base_delta:
             edits = (*edits, travel_form(rnd, out.base_delta))
-        extras = average_extras([unpack_extras(c.payload.tensors) for c in contributions], weights)
+        extras = average_extras(extras_in, weights)
         # A client that replied had applied every edit made before this round.
         synced = dict(state.synced) | {c: rnd - 1 for c in clients}
         new_state = FactorState(out.adapter, extras, edits, synced, out.diagnostics)
