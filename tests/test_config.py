@@ -32,6 +32,7 @@ SPEC_DEFAULTS = {
     "model.name": "fedlora:minilm",
     "model.task": "seq_cls",
     "model.precision": "bf16" if config.native_bf16() else "fp32",  # "auto", resolved (test below)
+    "model.device": "auto",
     "model.lora.variant": "lora",
     "model.lora.r": 8,
     "model.lora.alpha": 16.0,
@@ -59,8 +60,12 @@ SPEC_DEFAULTS = {
     "train.lr": 5e-4,
     "train.weight_decay": 0.0,
     "train.max_grad_norm": 1.0,
+    "train.lr_schedule": "constant",
+    "train.warmup_rounds": 0,
+    "train.lr_min": 0.0,
     "eval.every": 1,
     "output.trackers": [],
+    "output.keep": "last",
 }
 
 CONFIG_TOML = """

@@ -41,7 +41,7 @@ def client_round(exp: Experiment, download: Payload, client_state: Any, c: int, 
     plan, client_state = exp.method.prepare(client_state, download, info, rnd)
     data = exp.clients[c]
     seed = derive_seed(exp.cfg.seed, CLIENT, rnd, c)
-    result = train_client(exp.model, exp.task.loss, plan, data.train, train_settings(exp.cfg), seed)
+    result = train_client(exp.model, exp.task.loss, plan, data.train, train_settings(exp.cfg, rnd), seed)
     started = time.perf_counter()
     full = scope(exp, rnd)
     local = metrics(exp, data.test, full) if full is not None else None

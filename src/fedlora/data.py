@@ -75,11 +75,13 @@ class TextDataset:
 
 @dataclass(frozen=True)
 class FederatedData:
-    """A global held-out test set and, per client, its (train, local test) parts."""
+    """A global held-out test set, per client its (train, local test) parts, and the validation split carved from
+    the training data before partitioning (None without ``val_fraction``)."""
 
     test: TextDataset
     clients: list[tuple[TextDataset, TextDataset]]
     label_names: list[str]
+    validation: TextDataset | None = None
 
     @property
     def num_clients(self) -> int:
@@ -288,18 +290,24 @@ def federate(
     test_fraction: float = 0.2,
     local_test_fraction: float = 0.2,
     seed: int = 0,
+    val_fraction: float = 0.0,
 ) -> FederatedData:
-    """Split off a global test set, partition the rest over ``num_clients``, split each client's part.
+    """Split off a global test set, then (``val_fraction`` > 0) a validation split of the rest, partition the rest
+    over ``num_clients``, split each client's part.
 
-    Every random choice derives from ``seed``. ``alpha`` and ``min_partition_size`` apply to ``dirichlet``,
-    ``labels_per_client`` to ``pathological``. Raises :class:`DataError` if any client would get no training
-    example.
+    Every random choice derives from ``seed``; without a validation split no random number is drawn for it, so
+    the partition is the same as before validation splits existed. ``alpha`` and ``min_partition_size`` apply to
+    ``dirichlet``, ``labels_per_client`` to ``pathological``. Raises :class:`DataError` if any client would get
+    no training example.
     """
     scheme = _Scheme(partition, alpha, labels_per_client, min_partition_size)
     scheme.check(len(ds.label_names))
     _check_sizes(num_clients, test_fraction, local_test_fraction)
     rng = np.random.default_rng(seed)
     train, test = _split(ds, test_fraction, rng)  # train comes out shuffled, so IID blocks are random
+    validation = None
+    if val_fraction:
+        train, validation = _split(train, val_fraction, rng)
     needed = num_clients * scheme.min_size
     if len(train) < needed:
         raise DataError(
@@ -317,7 +325,7 @@ def federate(
                 f"{scheme.remedy}, or a smaller data.local_test_fraction"
             )
         clients.append((local_train, local_test))
-    return FederatedData(test, clients, ds.label_names)
+    return FederatedData(test, clients, ds.label_names, validation)
 
 
 def _check_sizes(num_clients: int, test_fraction: float, local_test_fraction: float) -> None:

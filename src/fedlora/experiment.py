@@ -8,15 +8,15 @@ resumed from its last checkpoint, or trained on another engine or with other wor
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedlora import config as cfgmod
-from fedlora import methods, peft_io, tasks
+from fedlora import devices, methods, peft_io, schedule, tasks
 from fedlora.methods.base import ClientInfo, Method, ModelInfo
 from fedlora.tasks import Encoded, Examples, Task
 from fedlora.training import TrainSettings
@@ -46,7 +46,9 @@ class ClientData:
 class Experiment:
     """Everything a run needs, built and validated before any training starts. ``metrics``: what the task reports
     for this config (the first is primary); ``baseline``: the task's baseline on the global test set (e.g. the
-    majority-class share), None when the task has none."""
+    majority-class share), None when the task has none; ``validation``: the tokenised validation split (None
+    without one); ``num_labels`` and ``task_info``: what the task recorded about the data (``TaskData``), saved
+    with the adapter."""
 
     cfg: cfgmod.ExperimentConfig
     task: Task
@@ -58,15 +60,19 @@ class Experiment:
     test: Encoded
     ranks: list[int]
     baseline: float | None
+    validation: Encoded | None = None
+    num_labels: int | None = None
+    task_info: Mapping[str, Any] = field(default_factory=dict)
 
     def client_info(self, c: int) -> ClientInfo:
         return ClientInfo(c, self.ranks[c])
 
 
-def train_settings(cfg: cfgmod.ExperimentConfig) -> TrainSettings:
-    t = cfg.train
-    precision = cfg.model.precision
-    return TrainSettings(t.lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs, precision)
+def train_settings(cfg: cfgmod.ExperimentConfig, rnd: int = 1) -> TrainSettings:
+    """``train.*`` for round ``rnd``: the learning rate follows ``train.lr_schedule``."""
+    t, precision = cfg.train, cfg.model.precision
+    lr = schedule.lr_at(t, rnd, cfg.federation.rounds)
+    return TrainSettings(lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs, precision)
 
 
 def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) -> Experiment:
@@ -76,13 +82,14 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
     server none); the others keep their example count and empty data. None: every client.
     """
     torch.manual_seed(cfg.seed)
+    device = devices.resolve(cfg.model.device)
     task = tasks.get(cfg.model.task)
     method = methods.build(cfg.federation.method, cfg.method)
     data = task.load(cfg)
     lora = cfg.model.lora
     ranks = list(lora.ranks) if lora.ranks is not None else [lora.r] * cfg.data.num_clients
     tokenizer = peft_io.load_tokenizer(cfg.model.name)
-    model = _peft_model(cfg, task.base_model(cfg, data), task, max(ranks))
+    model = _peft_model(cfg, task.base_model(cfg, data), task, max(ranks)).to(device)
     info = _model_info(cfg, model, max(ranks))
 
     def encode(examples: Examples) -> Encoded:
@@ -95,7 +102,11 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
         tensors = (encode(train), by_length(encode(test))) if c in keep else ({}, {})
         parts.append(ClientData(*tensors, len(train), task.baseline(test)))
     test = by_length(encode(data.test))
-    return Experiment(cfg, task, task.metrics(cfg), method, model, info, parts, test, ranks, task.baseline(data.test))
+    validation = by_length(encode(data.validation)) if data.validation is not None else None
+    metrics, baseline, task_info = task.metrics(cfg), task.baseline(data.test), dict(data.info or {})
+    return Experiment(
+        cfg, task, metrics, method, model, info, parts, test, ranks, baseline, validation, data.num_labels, task_info
+    )
 
 
 def _peft_model(cfg: cfgmod.ExperimentConfig, base: torch.nn.Module, task: Task, rank: int) -> Any:

@@ -398,12 +398,12 @@ def _split_state_dict(
 
 
 def _canonical(A: Tensor, B: Tensor, scale: float) -> LowRank:
-    """PEFT factors -> canonical float32 copies: B̃ = s·B (d, r), A (r, k)."""
-    return LowRank(B.detach().to(torch.float32) * scale, A.detach().to(torch.float32, copy=True))
+    """PEFT factors -> canonical float32 CPU copies (whatever device the model is on): B̃ = s·B (d, r), A (r, k)."""
+    return LowRank(B.detach().to("cpu", torch.float32) * scale, A.detach().to("cpu", torch.float32, copy=True))
 
 
 def _float_copies(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {n: t.detach().to(torch.float32, copy=True) for n, t in sorted(tensors.items())}
+    return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in sorted(tensors.items())}
 
 
 def read_adapter(peft_model: PeftModel) -> tuple[dict[str, LowRank], dict[str, Tensor]]:
@@ -539,6 +539,14 @@ def save_model_adapter(peft_model: PeftModel, path: str | Path) -> None:
     _require_peft(peft_model).save_pretrained(str(path))
 
 
+def set_base_model_name(path: str | Path, name: str) -> None:
+    """Record ``name`` as the adapter directory's ``base_model_name_or_path`` (PEFT writes the path the model was
+    loaded from, e.g. a directory inside the virtual environment for a packaged model)."""
+    file = Path(path) / ADAPTER_CONFIG
+    config = _read_config(file)
+    file.write_text(json.dumps(config | {"base_model_name_or_path": name}, indent=2, sort_keys=True) + "\n")
+
+
 def _role(param_name: str, adapter: str) -> str | None:
     """Which fedlora role a parameter of the wrapped model plays: "A", "B", "extra" or None (frozen base)."""
     if f".lora_A.{adapter}." in param_name or param_name.endswith(f"{_HIRA_A_SUFFIX}.{adapter}"):
@@ -601,7 +609,7 @@ def _add_deltas(targets: Iterable[tuple[nn.Module, Tensor]]) -> None:
     with torch.no_grad():
         for layer, delta in targets:
             weight = layer.weight
-            weight.add_((delta.T if isinstance(layer, Conv1D) else delta).to(weight.dtype))
+            weight.add_((delta.T if isinstance(layer, Conv1D) else delta).to(weight.device, weight.dtype))
 
 
 def base_weights(peft_model: PeftModel) -> dict[str, Tensor]:
@@ -611,7 +619,7 @@ def base_weights(peft_model: PeftModel) -> dict[str, Tensor]:
     out = {}
     for m, spec in module_specs(peft_model).items():
         layer = _base_layer(root, m)
-        w = layer.weight.detach().to(torch.float32, copy=True)
+        w = layer.weight.detach().to("cpu", torch.float32, copy=True)
         out[m] = w.T.contiguous() if isinstance(layer, Conv1D) else w
         if tuple(out[m].shape) != (spec.d, spec.k):
             raise ValueError(f"base weight of {m!r} is {tuple(out[m].shape)} in (out, in), expected {(spec.d, spec.k)}")
@@ -977,7 +985,7 @@ class LiveAdapter:
         """The trained adapter in canonical form and the extras. A core C is returned as the extra
         ``<module>.lora_core`` and folded into B (B ← B·C) in the model too, so that the model keeps applying
         exactly what was trained (local evaluation), the adapter is B̃·C, A, and the model holds a plain LoRA."""
-        cores = {f"{m}{CORE_SUFFIX}": c.detach().to(torch.float32, copy=True) for m, c in self.cores.items()}
+        cores = {f"{m}{CORE_SUFFIX}": c.detach().to("cpu", torch.float32, copy=True) for m, c in self.cores.items()}
         _remove_cores(self.model, fold=True)
         adapter, extras = read_adapter(self.model)
         return adapter, extras | cores
@@ -1021,7 +1029,8 @@ def _add_cores(peft_model: PeftModel, cores: Mapping[str, Tensor], rank: int) ->
             raise ValueError(
                 f"TrainPlan.cores[{module!r}]: shape {tuple(core.shape)}, expected (r, r) = {(rank, rank)}"
             )
-        parametrize.register_parametrization(layer.lora_B[adapter], "weight", _Core(core))
+        device = layer.lora_B[adapter].weight.device
+        parametrize.register_parametrization(layer.lora_B[adapter], "weight", _Core(core.to(device)))
         out[module] = layer.lora_B[adapter].parametrizations.weight[0].core
     return out
 
@@ -1050,5 +1059,5 @@ def _masked_entries(peft_model: PeftModel, masks: Mapping[str, tuple[Tensor, Ten
                     f"TrainPlan.grad_masks[{module!r}] {factor}: mask shape {tuple(mask.shape)}, expected the "
                     f"parameter's {tuple(param.shape)}"
                 )
-            out.append(_Masked(param, mask.to(torch.bool), param.detach().clone()))
+            out.append(_Masked(param, mask.to(param.device, torch.bool), param.detach().clone()))
     return out

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora import adapter_card, keep, peft_io
 from fedlora import config as cfgmod
-from fedlora import peft_io
 from fedlora.evaluation import global_model, load_global
 from fedlora.experiment import Experiment
 from fedlora.tracking import Trackers
@@ -92,13 +92,16 @@ def restore_model(exp: Experiment, state: RunState) -> None:
 
 
 def save_outputs(exp: Experiment, run_dir: Path, state: RunState) -> dict[str, Any]:
-    """Final global adapter as a PEFT directory (+ base edits + head), and summary.json."""
-    load_global(exp, global_model(exp, state)[0])
-    peft_io.save_model_adapter(exp.model, run_dir / "adapter")
-    edits = exp.method.export(state.server).base_edits
-    if edits:
-        peft_io.write_base_edits(run_dir / "adapter" / "base_edits.safetensors", edits)
+    """The kept global model (``output.keep``: the last round's, or the best round's) as a PEFT directory (+ base
+    edits + head) that describes itself (``adapter_card``), and summary.json."""
+    model = state.best.model if state.best is not None else global_model(exp, state)[0]
+    load_global(exp, model)
+    adapter = run_dir / "adapter"
+    peft_io.save_model_adapter(exp.model, adapter)
+    if model.base_edits:
+        peft_io.write_base_edits(adapter / peft_io.BASE_EDITS_FILE, model.base_edits)
     summary = summarize(state.records, exp.cfg, exp.metrics[0], exp.task.higher_is_better)
+    adapter_card.describe(adapter, exp, state.records, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -122,6 +125,7 @@ def summarize(
     summary["evaluated_rounds"] = [r["round"] for r in records if r.get("evaluated", True)]
     summary |= {k: last[k] for k in ("majority_share", "local_majority_share") if k in last}
     summary |= {k.replace("global_", "final_global_", 1): v for k, v in last.items() if _is_global_metric(k, v)}
+    summary |= _kept(records, cfg, primary, higher_is_better)
     return summary | {
         f"best_global_{primary}": best[f"global_{primary}"],
         "best_round": best["round"],
@@ -135,6 +139,20 @@ def summarize(
         "wall_seconds": float(sum(r["seconds"] for r in records)),
         "missing_clients": missing_clients(records),
     }
+
+
+def _kept(
+    records: Sequence[Mapping[str, Any]], cfg: cfgmod.ExperimentConfig, primary: str, higher_is_better: bool
+) -> dict[str, Any]:
+    """``saved_round``: the round whose global model ``adapter/`` holds (``output.keep``); with a validation split,
+    its best value and round (``best_val_<primary>``, ``best_val_round``)."""
+    best = keep.best_record(records, f"val_{primary}", higher_is_better)
+    out: dict[str, Any] = {"keep": cfg.output.keep, "saved_round": records[-1]["round"]}
+    if best is not None:
+        out |= {f"best_val_{primary}": best[f"val_{primary}"], "best_val_round": best["round"]}
+        if cfg.output.keep == "best":
+            out["saved_round"] = best["round"]
+    return out
 
 
 def _is_global_metric(key: str, value: Any) -> bool:

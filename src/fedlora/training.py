@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedlora import peft_io
+from fedlora import devices, peft_io
 from fedlora.types import Adapter, Regularizer, TrainPlan
 
 Encoded = Mapping[str, Tensor]
@@ -58,11 +58,18 @@ class TrainResult:
     seconds: float
 
 
-def autocast(precision: str) -> torch.autocast:
-    """The forward-pass context of ``model.precision``: bfloat16 autocast for ``bf16``, a no-op for ``fp32``."""
+def autocast(precision: str, device: torch.device | str = "cpu") -> torch.autocast:
+    """The forward-pass context of ``model.precision`` on ``device`` (the model's): bfloat16 autocast for
+    ``bf16``, a no-op for ``fp32``."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"model.precision = {precision!r}: expected 'fp32' or 'bf16'")
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A batch on the model's device (the tokenised data stays on the CPU; a no-op there)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def trim(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -112,10 +119,11 @@ def train_client(
     model.train()
     stream = batches(data, settings.batch_size, torch.Generator().manual_seed(seed))
     steps = num_steps(settings, int(data["input_ids"].shape[0]))
+    device = devices.of(model)
     total = 0.0
     for _ in range(steps):
-        with autocast(settings.precision):
-            loss = loss_fn(model, next(stream))
+        with autocast(settings.precision, device):
+            loss = loss_fn(model, to_device(next(stream), device))
         if plan.regularizer is not None:
             loss = loss + penalty(live.factors(), plan.regularizer)
         optimizer.zero_grad(set_to_none=True)

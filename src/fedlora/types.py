@@ -229,10 +229,12 @@ class AggregationReport:
 @dataclass
 class RunState:
     """Where a run stands, and what a checkpoint holds: the next round, the method's server state, the client
-    states the server keeps (in process: every client's; on Flower: None, or what nodes report), and the metrics
-    records so far. Mutable: the engines advance it round by round."""
+    states the server keeps (in process: every client's; on Flower: None, or what nodes report), the metrics
+    records so far, and with ``output.keep = "best"`` the best round's global model. Mutable: the engines advance
+    it round by round."""
 
     next_round: int
     server: Any
     clients: dict[int, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
+    best: Any = None  # output.keep = "best": the best round so far and its global model (fedlora.keep.Best)

@@ -38,12 +38,15 @@ class Examples(Protocol):
 @dataclass(frozen=True)
 class TaskData:
     """A federated dataset as a task prepared it: the global held-out test split, each client's (train, test)
-    splits, and what the model head needs (``num_labels`` for classification, None otherwise)."""
+    splits, what the model head needs (``num_labels`` for classification, None otherwise), what the task wants
+    recorded with a saved adapter (``info``, JSON-ready: e.g. ``label_names``) and the validation split carved
+    from the training data before partitioning (None unless ``data.val_fraction`` or ``output.keep = "best"``)."""
 
     test: Examples
     clients: list[tuple[Examples, Examples]]
     num_labels: int | None = None
     info: Mapping[str, Any] | None = None
+    validation: Examples | None = None
 
 
 class Task(Protocol):

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from fedlora import data as datamod
-from fedlora import peft_io
+from fedlora import devices, peft_io
+from fedlora.config import validation_fraction
 from fedlora.tasks import register
 from fedlora.tasks.base import Encoded, Sums, TaskData
-from fedlora.training import autocast, trim
+from fedlora.training import autocast, to_device, trim
 
 EVAL_BATCH = 64
 
@@ -48,8 +49,10 @@ class SequenceClassification:
             test_fraction=d.test_fraction,
             local_test_fraction=d.local_test_fraction,
             seed=cfg.seed,
+            val_fraction=validation_fraction(cfg),
         )
-        return TaskData(fed.test, list(fed.clients), len(fed.label_names), {"label_names": list(fed.label_names)})
+        info = {"label_names": list(fed.label_names)}
+        return TaskData(fed.test, list(fed.clients), len(fed.label_names), info, fed.validation)
 
     def base_model(self, cfg: Any, data: TaskData) -> nn.Module:
         return peft_io.load_base_model(cfg.model.name, "seq_cls", num_labels=data.num_labels or 2)
@@ -73,11 +76,11 @@ class SequenceClassification:
         model.eval()
         n = int(data["labels"].shape[0])
         order = torch.argsort(data["attention_mask"].sum(1), descending=True)
-        correct, loss_sum = 0, 0.0
+        correct, loss_sum, device = 0, 0.0, devices.of(model)
         for start in range(0, n, EVAL_BATCH):
             idx = order[start : start + EVAL_BATCH]
-            batch = trim({k: v[idx] for k, v in data.items()})
-            with autocast(precision):
+            batch = to_device(trim({k: v[idx] for k, v in data.items()}), device)
+            with autocast(precision, device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
