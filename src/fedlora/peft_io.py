@@ -804,6 +804,10 @@ def read_adapter_dir(path: str | Path) -> AdapterFile:
     """Read what ``PeftModel.save_pretrained`` writes (adapter_config.json + adapter_model.safetensors); LoRA,
     DoRA and HiRA adapters. Every tensor (factors, head, magnitudes) must be floating-point and finite."""
     directory = Path(path)
+    if not (directory / ADAPTER_CONFIG).exists() and (directory / "adapter" / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{directory} is a run directory, not an adapter directory: its adapter is {directory / 'adapter'}"
+        )
     config = _read_config(directory / ADAPTER_CONFIG)
     weights = directory / ADAPTER_WEIGHTS
     tensors, _ = _load_safetensors(weights)

@@ -92,10 +92,13 @@ class BaseEdit:
         return set(self.factored) | set(self.dense)
 
     def delta(self, module: str) -> Tensor:
-        """The dense (d, k) delta of one module (edges and tests only)."""
-        if module in self.dense:
-            return self.dense[module]
-        return self.factored[module].dense()
+        """The dense (d, k) delta of one module (edges and tests only): its factored part plus its dense part (an
+        edit read back from a file may hold both, e.g. base edits inherited by ``fedlora aggregate`` and its own)."""
+        parts = [self.factored[module].dense()] if module in self.factored else []
+        parts += [self.dense[module]] if module in self.dense else []
+        if not parts:
+            raise KeyError(f"base edit version {self.version} has no module {module!r}")
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1].to(parts[0].dtype)
 
 
 @dataclass(frozen=True)
