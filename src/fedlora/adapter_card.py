@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """What ``fedlora.json`` says about an adapter directory."""
+    """What ``fedlora.json`` says about an adapter directory (``metrics``: the run's record of the saved round)."""
 
     directory: Path
     config: cfgmod.ExperimentConfig
@@ -42,6 +42,7 @@ class AdapterInfo:
     task_info: Mapping[str, Any]
     round: int | None
     base_edits: Path | None
+    metrics: Mapping[str, Any]
 
 
 def describe(
@@ -107,7 +108,8 @@ def read(directory: Path) -> AdapterInfo:
     edits = directory / info["base_edits"] if info.get("base_edits") else None
     if edits is not None and not edits.is_file():
         raise FileNotFoundError(f"{directory}: {INFO_FILE} names base edits {edits.name}, which are missing")
-    return AdapterInfo(directory, config, info.get("num_labels"), info.get("task_info") or {}, info.get("round"), edits)
+    task_info, metrics = info.get("task_info") or {}, info.get("metrics") or {}
+    return AdapterInfo(directory, config, info.get("num_labels"), task_info, info.get("round"), edits, metrics)
 
 
 def model_card(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:

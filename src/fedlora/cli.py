@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: run, compare, plot, aggregate, methods."""
+"""The ``fedlora`` command line: run, compare, plot, aggregate, eval, predict, methods."""
 
 from __future__ import annotations
 
@@ -285,6 +285,70 @@ def aggregate(
     """Aggregate adapters trained at several sites into one PEFT adapter (+ base edits where the method makes them)."""
     request = _parse_aggregate(adapter_dirs, method, out, weights, param, base_model, merged_out, allow_mixed_base)
     _report_aggregate(_run_aggregate(request))
+
+
+@app.command("eval")
+def eval_(
+    run_or_adapter: Annotated[Path, typer.Argument(help="A run directory, or the adapter directory a run saved.")],
+    data: Annotated[
+        str | None,
+        typer.Option(help="A data file with the run's text and label columns (default: the run's test set)."),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (default: the run's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Evaluate a saved adapter: on the run's held-out test set (the numbers repeat the run's), or on --data."""
+    import json
+    from dataclasses import asdict
+
+    from fedlora import inference
+
+    try:
+        result = inference.evaluate(inference.load(run_or_adapter, device), data)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        _fail(str(e))
+    if as_json:
+        console.print_json(json.dumps(asdict(result)))
+        return
+    console.print(
+        f"{result.source}: {result.examples} examples, the global model of round {result.round}", markup=False
+    )
+    for name, value in result.metrics.items():
+        recorded = f" (the run recorded {result.recorded[name]:.4f})" if name in result.recorded else ""
+        console.print(f"  {name} {value:.4f}{recorded}", markup=False)
+    if result.baseline is not None:
+        console.print(f"  baseline (always the most frequent label) {result.baseline:.4f}", markup=False)
+
+
+@app.command()
+def predict(
+    adapter: Annotated[Path, typer.Argument(help="The adapter directory a run saved (<run>/adapter).")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to predict for.")] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="One text per line, or a csv/json/jsonl/parquet file's text column.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (default: the run's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
+) -> None:
+    """Predict with a saved adapter: fedlora predict ADAPTER "text" ... | --file F (label and probabilities, or the
+    generated text)."""
+    import json
+
+    from fedlora import inference
+
+    try:
+        loaded = inference.load(inference.require_adapter_dir(adapter), device)
+        given = list(texts or []) + (inference.read_texts(file, loaded.config.data.text_column) if file else [])
+        outputs = inference.predict(loaded, given)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        _fail(str(e))
+    for text, out in zip(given, outputs, strict=True):
+        if as_json:
+            console.print(json.dumps({"input": text} | out), markup=False, soft_wrap=True)
+        elif "label" in out:
+            console.print(f"{out['label']}\t{out['probabilities'][out['label']]:.3f}\t{text}", markup=False)
+        else:
+            console.print(f"{text}\n→ {out.get('text', out)}", markup=False)
 
 
 def _parse_aggregate(

@@ -891,6 +891,16 @@ def merge_to_base(
     return out
 
 
+def load_adapter_dir(model: PreTrainedModel, directory: str | Path) -> PeftModel:
+    """``model`` wrapped with the adapter saved in ``directory`` (module paths matched by ``module_paths``), every
+    tensor checked to have landed (``check_loaded``); for inference (``inference_mode``)."""
+    directory = Path(directory)
+    adapter = read_adapter_dir(directory)
+    where = f"loading {directory}"
+    paths = module_paths(model, [*adapter.adapter, *(n.rsplit(".", 1)[0] for n in adapter.extras)], where)
+    return _load_checked(model, directory, adapter, paths, where)
+
+
 def module_paths(model: nn.Module, modules: Sequence[str], where: str) -> dict[str, str]:
     """Adapter module path → the model's: the same path, or with ``model.base_model_prefix`` added (an adapter
     saved on the bare model, e.g. ``BertModel``) or removed (saved on a model with a head), whichever makes every

@@ -80,6 +80,18 @@ class Task(Protocol):
 
     def finish(self, sums: Sums) -> dict[str, float]: ...
 
+    def load_examples(self, cfg: Any, source: str, info: Mapping[str, Any]) -> Examples:
+        """Every example of a data source (``fedlora eval --data``), encoded as the run's were: ``info`` is what
+        ``load`` recorded (``TaskData.info``, saved with the adapter), e.g. the label names."""
+        ...
+
+    def predict(
+        self, model: nn.Module, tokenizer: Any, texts: list[str], cfg: Any, info: Mapping[str, Any]
+    ) -> list[dict]:
+        """One JSON-ready output per text, in order, computed in batches (``fedlora predict``): for classification
+        ``label`` and ``probabilities``; for generation the generated ``text``."""
+        ...
+
 
 def add_sums(parts: Sequence[Sums]) -> Sums:
     """Evaluation sums of shards combined (key by key)."""
