@@ -75,6 +75,8 @@ def test_one_method_shows_its_description_types_in_words_and_defaults(narrow):
         "method.tol": "float                   1e-12",
         "method.ridge": "float                   0.0",
         "method.adam_steps": "int                     500",
+        "method.restarts": "int                     16",
+        "method.seed": "int                     0",
     }
     assert "Literal" not in text and ".md" not in text and "fedlora's reading" not in text
 

@@ -251,14 +251,12 @@ def plot(
     """PNGs of one or more runs, one curve per run labelled by the config keys that differ (runs differing only
     in seed: mean ± std): accuracy, local_global_gap, loss, divergence, divergence_heatmap, accuracy_vs_bytes,
     accuracy_vs_alpha and divergence_vs_alpha (when the runs span several Dirichlet α)."""
-    from rich.markup import escape
-
     from fedlora import plots
 
     try:
         plotted = plots.plot_runs(run_dirs, out or run_dirs[0], plots.figure_names(only))
     except (ValueError, OSError) as e:
-        _fail(escape(str(e)))
+        _fail(str(e))
     for warning in plotted.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     for name, reason in plotted.skipped.items():
@@ -357,8 +355,6 @@ def list_methods(
 ) -> None:
     """Every registered method with its capabilities and communication; with a NAME, the method's description
     (paper and update rule) and its hyperparameters (the ``method.*`` config keys) with types and defaults."""
-    from rich.markup import escape
-
     from fedlora import methods
 
     if name is None:
@@ -370,7 +366,7 @@ def list_methods(
     try:
         params = methods.params_class(name)
     except ValueError as e:
-        _fail(escape(str(e)))
+        _fail(str(e))
     _print_params(name, params)
 
 
