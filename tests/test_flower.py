@@ -29,7 +29,6 @@ pytestmark = pytest.mark.xdist_group("flower")
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from fedlora.engines.flower import records  # noqa: E402
-from fedlora.engines.flower.server_app import FAIL_ENV  # noqa: E402
 
 EXCLUDED = {"seconds", "seconds_train", "seconds_aggregate", "seconds_eval", "seconds_other"}
 
@@ -182,10 +181,12 @@ def test_simulation_matches_the_in_process_engine(rt_csv, tmp_path, method):
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAIL_ENV, "1,2:hang")  # test-only fault injection, read by the ServerApp
+def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path):
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.engine=flower-simulation")
-    cfg = config.with_overrides(cfg, ["federation.rounds=1", "data.num_clients=3", "federation.round_timeout=90"])
+    faults = 'faults.clients={1 = "raise", 2 = "hang"}'  # simulated faults, applied on the nodes
+    cfg = config.with_overrides(
+        cfg, ["federation.rounds=1", "data.num_clients=3", "federation.round_timeout=90", faults]
+    )
     started = time.monotonic()
     run_dir, summary = engines.run(cfg, tmp_path / "run")
     (record,) = read_records(run_dir)
@@ -193,9 +194,11 @@ def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path
     assert "injected failure" in record["failed_clients"]["1"]
     assert "no reply within federation.round_timeout = 90" in record["failed_clients"]["2"]
     assert summary["rounds"] == 1 and summary["missing_clients"] == {"1": [1], "2": [1]}
+    assert record["faults"] == {"1": "raise", "2": "hang"}
     assert time.monotonic() - started < 90 + 240  # waited for the round timeout, not for the hanging client
-    monkeypatch.setenv(FAIL_ENV, "1")
-    strict = config.with_overrides(cfg, ["federation.min_clients=3", f"output.dir={tmp_path / 'strict'}"])
+    strict = config.with_overrides(
+        cfg, ["federation.min_clients=3", f"output.dir={tmp_path / 'strict'}", 'faults.clients={1 = "raise"}']
+    )
     with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 3"):
         engines.run(strict, tmp_path / "strict")
 

@@ -109,3 +109,17 @@ def unpack_sparse(tensors: Mapping[str, Tensor], who: str = "payload") -> dict[s
     if set(values) != set(indices):
         raise ValueError(f"{who}: sparse tensors {sorted(set(values) ^ set(indices))} lack values or indices")
     return {n: (values[n], indices[n].to(torch.int64)) for n in sorted(values)}
+
+
+def reference_tensors(adapter: Adapter | None, extras: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Named tensors of a starting point (a global model, a client's plan): what an upload is compared with."""
+    return (pack_adapter(adapter) if adapter is not None else {}) | pack_extras(extras)
+
+
+def leading_block(tensors: Mapping[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor | None:
+    """The leading block of ``shape`` of ``tensors[name]`` (a lower-rank upload is compared with the first rank
+    components of its reference), or None when there is no such tensor or it is smaller than ``shape``."""
+    t = tensors.get(name)
+    if t is None or t.dim() != len(shape) or any(s > n for s, n in zip(shape, t.shape, strict=True)):
+        return None
+    return t[tuple(slice(0, s) for s in shape)]

@@ -51,6 +51,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=True,
     secure_aggregation=False,
+    not_a_sum="it weights each client by the norm of its own B̃_u A_u",
     uplink="r_u(d+k)",
     downlink="r_u(d+k), client-specific truncation",
     paper="Cho et al., EMNLP 2024, arXiv 2401.06432",
