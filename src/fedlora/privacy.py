@@ -24,6 +24,7 @@ deployment: whoever knows the seed can remove the noise, and the sampling is ord
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,19 @@ class Privatized:
     contributions: list[Contribution]
     norms: dict[int, float]
     noise_std: float
+
+
+def support(method: str) -> str:
+    """Whether ``method`` runs under central DP: "no", "yes", or "yes, with" the settings it needs."""
+    from fedlora import methods
+
+    caps = methods.capabilities(method)
+    if not caps.secure_aggregation:
+        return "no"
+    needs = ["equal ranks"] if caps.heterogeneous_ranks != "no" else []
+    if any(f.name == "reset" for f in dataclasses.fields(methods.params_class(method))):
+        needs.append('method.reset = "server"')
+    return "yes, with " + " and ".join(needs) if needs else "yes"
 
 
 def privatize(

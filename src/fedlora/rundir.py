@@ -62,6 +62,7 @@ def start(exp: Experiment, run_dir: Path, resume: bool) -> RunState:
     if resume and (run_dir / CHECKPOINT).exists():
         state = load_checkpoint(run_dir)
         restore_model(exp, state)
+        write_metrics(run_dir, state)  # a kill between the checkpoint and metrics.jsonl left the latter behind
         return state
     if resume and not (run_dir / "config.toml").exists():
         load_checkpoint(run_dir)  # the error: nothing to resume
@@ -86,6 +87,11 @@ def finish(exp: Experiment, run_dir: Path, state: RunState, trackers: Trackers) 
 def save_checkpoint(run_dir: Path, state: RunState) -> None:
     """The checkpoint, then metrics.jsonl, each replaced atomically (see the module docstring)."""
     stage(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    write_metrics(run_dir, state)
+
+
+def write_metrics(run_dir: Path, state: RunState) -> None:
+    """metrics.jsonl from the run state's records, atomically."""
     write_atomic(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.records).encode())
 
 

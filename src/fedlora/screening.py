@@ -91,7 +91,7 @@ def _tensor_problem(name: str, t: Tensor, tensors: Mapping[str, Tensor], info: M
     if part == "values":
         return _values_problem(name, t, factor, spec.d, spec.k)
     shape, expected = tuple(t.shape), f"(r, {spec.k})" if factor == "A" else f"({spec.d}, r)"
-    r = shape[0] if factor == "A" else shape[-1]
+    r = (shape[0] if factor == "A" else shape[-1]) if len(shape) == 2 else 0
     fits = len(shape) == 2 and (shape[1] == spec.k if factor == "A" else shape[0] == spec.d)
     if not fits or not 1 <= r <= rank:
         return f"{name}: shape {shape}, expected {expected} with 1 ≤ r ≤ {rank} (the client's rank)"
