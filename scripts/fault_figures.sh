@@ -28,12 +28,13 @@ import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-print("| run | rounds | clients aggregated | excluded (reason) | failed | final global accuracy |")
-print("|---|---|---|---|---|---|")
+print("| run | rounds | clients aggregated | excluded (reason) | failed | global accuracy | global loss |")
+print("|---|---|---|---|---|---|---|")
 for name in ("clean", "inprocess-norm", "inprocess-finite", "simulation-norm", "deployment-norm"):
     records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
     excluded = "; ".join(f"{c}: {r}" for c, r in last.get("excluded_clients", {}).items()) or "none"
     failed = ", ".join(last.get("failed_clients", {})) or "none"
-    print(f"| {name} | {len(records)} | {last['clients']} | {excluded} | {failed} | {last['global_accuracy']:.4f} |")
+    acc, loss = last["global_accuracy"], last["global_loss"]
+    print(f"| {name} | {len(records)} | {last['clients']} | {excluded} | {failed} | {acc:.4f} | {loss:.4f} |")
 EOF

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-HOOKS = ["checkpoint.pt:2", "metrics.jsonl:1", "adapter:1", "summary.json:1", "config.toml:1", "checkpoint.pt:1"]
+HOOKS = ["checkpoint.pt:2", "adapter:1", "metrics.jsonl:1", "summary.json:1", "config.toml:1", "checkpoint.pt:1"]
 """Staged writes killed in turn (file:n = its n-th write in the process)."""
 
 COMMAND = [sys.executable, "-m", "fedlora.cli", "run"]

@@ -44,7 +44,7 @@ def screen(
     """(the contributions kept, {client: reason} for those refused, {client: update norm} under ``norm``).
 
     ``ranks``: every client's configured rank (by client id); ``reference``: the named tensors of the global model
-    the round started from (for norms, and the dtype of each name)."""
+    the round started from (what update norms are measured against)."""
     refused = {c.client: p for c in contributions if (p := form_problem(c.payload.tensors, info, ranks[c.client]))}
     refused |= _odd_names([c for c in contributions if c.client not in refused])
     kept = [c for c in contributions if c.client not in refused]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -70,8 +69,8 @@ def _worker_main(conn: Connection, cfg: Any) -> None:
                 peft_io.write_adapter(exp.model, task.adapter, task.extras, rank=exp.info.rank, seed=cfg.seed)
                 result = {t: sums(exp, target_set(exp, t), task.full) for t in task.targets}
             conn.send(("ok", result))
-        except Exception:
-            conn.send(("error", traceback.format_exc(limit=4)))
+        except Exception as e:  # one line, as the sequential path records it
+            conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 class WorkerPool:
