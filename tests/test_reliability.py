@@ -359,18 +359,19 @@ def test_every_method_either_sums_its_uploads_or_says_why_not():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_an_in_process_run_survives_raising_hanging_nan_and_scaled_clients(rt_csv, tmp_path):
-    """6 clients: 0-2 honest, 3 scaled ×20 (a norm outlier), 4 NaN, 5 hangs (the worker running it is replaced
-    after federation.round_timeout); a raising client: tests/test_flower.py and the sequential path below."""
-    faulty = 'faults.clients={3 = "scale:20", 4 = "nan", 5 = "hang"}'
+    """7 clients, one round: 0-2 honest, 3 scaled ×20 (a norm outlier), 4 NaN, 5 hangs (the worker running it is
+    replaced after federation.round_timeout), 6 raises (recorded in one line, as in the main process)."""
+    faulty = 'faults.clients={3 = "scale:20", 4 = "nan", 5 = "hang", 6 = "raise"}'
     cfg = tiny_config(
         rt_csv,
         tmp_path / "run",
         "federation.method=fedit",
-        "data.num_clients=6",
+        "data.num_clients=7",
         "data.partition=iid",
         "federation.screen=norm",
         "federation.workers=2",
         "federation.round_timeout=60",
+        "federation.rounds=1",
         faulty,
     )
     run_dir, summary = engines.run(cfg, tmp_path / "run")
@@ -378,9 +379,12 @@ def test_an_in_process_run_survives_raising_hanging_nan_and_scaled_clients(rt_cs
         assert record["clients"] == [0, 1, 2]
         assert set(record["excluded_clients"]) == {"3", "4"}
         assert "robust z" in record["excluded_clients"]["3"] and "NaN/Inf" in record["excluded_clients"]["4"]
-        assert record["failed_clients"] == {"5": "no reply within federation.round_timeout = 60.0 s"}
-        assert record["faults"] == {"3": "scale:20", "4": "nan", "5": "hang"}
+        assert record["failed_clients"] == {
+            "5": "no reply within federation.round_timeout = 60.0 s",
+            "6": "InjectedFault: client 6, round 1: injected failure (faults.clients = 'raise')",
+        }
+        assert record["faults"] == {"3": "scale:20", "4": "nan", "5": "hang", "6": "raise"}
         assert math.isfinite(record["global_loss"])
-    assert summary["excluded_clients"] == {"3": [1, 2], "4": [1, 2]} and summary["missing_clients"] == {"5": [1, 2]}
+    assert summary["excluded_clients"] == {"3": [1], "4": [1]} and summary["missing_clients"] == {"5": [1], "6": [1]}
     with pytest.raises(ValueError, match='faults.clients.5 = "hang" on federation.engine = .inprocess. needs'):
         engines.run(config.with_overrides(cfg, ["federation.workers=0", f"output.dir={tmp_path / 'seq'}"]))
