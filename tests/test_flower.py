@@ -29,7 +29,6 @@ pytestmark = pytest.mark.xdist_group("flower")
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from fedlora.engines.flower import records  # noqa: E402
-from fedlora.engines.flower.server_app import FAIL_ENV  # noqa: E402
 
 EXCLUDED = {"seconds", "seconds_train", "seconds_aggregate", "seconds_eval", "seconds_other"}
 
@@ -182,10 +181,12 @@ def test_simulation_matches_the_in_process_engine(rt_csv, tmp_path, method):
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAIL_ENV, "1,2:hang")  # test-only fault injection, read by the ServerApp
+def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path):
     cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.engine=flower-simulation")
-    cfg = config.with_overrides(cfg, ["federation.rounds=1", "data.num_clients=3", "federation.round_timeout=90"])
+    faults = 'faults.clients={1 = "raise", 2 = "hang"}'  # simulated faults, applied on the nodes
+    cfg = config.with_overrides(
+        cfg, ["federation.rounds=1", "data.num_clients=3", "federation.round_timeout=90", faults]
+    )
     started = time.monotonic()
     run_dir, summary = engines.run(cfg, tmp_path / "run")
     (record,) = read_records(run_dir)
@@ -193,9 +194,11 @@ def test_simulation_leaves_a_failing_and_a_timed_out_client_out(rt_csv, tmp_path
     assert "injected failure" in record["failed_clients"]["1"]
     assert "no reply within federation.round_timeout = 90" in record["failed_clients"]["2"]
     assert summary["rounds"] == 1 and summary["missing_clients"] == {"1": [1], "2": [1]}
+    assert record["faults"] == {"1": "raise", "2": "hang"}
     assert time.monotonic() - started < 90 + 240  # waited for the round timeout, not for the hanging client
-    monkeypatch.setenv(FAIL_ENV, "1")
-    strict = config.with_overrides(cfg, ["federation.min_clients=3", f"output.dir={tmp_path / 'strict'}"])
+    strict = config.with_overrides(
+        cfg, ["federation.min_clients=3", f"output.dir={tmp_path / 'strict'}", 'faults.clients={1 = "raise"}']
+    )
     with pytest.raises(RuntimeError, match="fewer than federation.min_clients = 3"):
         engines.run(strict, tmp_path / "strict")
 
@@ -347,6 +350,67 @@ def test_deployment_survives_a_killed_supernode_and_stops_every_process(rt_csv, 
         assert r["flower_messages"] == n and r["flower_bytes_up"] > r["bytes_up"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert len(started) == 5  # superlink, 3 supernodes, flwr run
+    _assert_all_gone(started)
+
+
+def _start_rogues(run_dir: Path, rogues: dict[str, subprocess.Popen]) -> None:
+    """Once the deployment's SuperNodes are up, start two more, each with its partition id and the SuperLink's
+    address: one over TLS without the CA (with a registered key), one with the CA and a key never registered."""
+    from fedlora.engines.flower import deployment, security
+
+    flower = run_dir / "flower"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if (flower / deployment.CONNECTION).exists() and (flower / "supernode-1.log").exists():
+            break
+        time.sleep(0.2)
+    connection = json.loads((flower / deployment.CONNECTION).read_text())
+    ca = Path(connection["ca"])
+    bin_dir = Path(sys.executable).parent
+    ports = deployment.free_ports(2)
+    registered = ca.parent / "supernode-0"  # the deployment's own credentials directory
+    no_ca = deployment.supernode_argv(bin_dir, connection["superlink"], ports[0], 0, 2, ca, registered)
+    no_ca = [a for i, a in enumerate(no_ca) if a != "--root-certificates" and no_ca[i - 1] != "--root-certificates"]
+    stranger = security.node_keys(run_dir.parent / "stranger", "stranger").private
+    unregistered = deployment.supernode_argv(bin_dir, connection["superlink"], ports[1], 1, 2, ca, stranger)
+    env = dict(os.environ) | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}  # flower-superexec beside it
+    for name, argv in (("no-ca", no_ca), ("unregistered", unregistered)):
+        log = (run_dir.parent / f"{name}.log").open("wb")
+        rogues[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tls_deployment_with_node_auth_admits_only_its_registered_nodes(rt_csv, tmp_path, started):
+    """TLS with a generated CA and SuperNode authentication: the run completes on its two registered SuperNodes,
+    while a SuperNode that does not trust the CA and one whose key was never registered are refused."""
+    import signal
+    import threading
+
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "federation.engine=flower-deployment")
+    cfg = config.with_overrides(cfg, ["federation.rounds=1", "federation.tls=true", "federation.node_auth=true"])
+    rogues: dict[str, subprocess.Popen] = {}
+    starter = threading.Thread(target=_start_rogues, args=(tmp_path / "run", rogues))
+    starter.start()
+    try:
+        run_dir, summary = engines.run(cfg, tmp_path / "run")
+        starter.join(60)
+        assert set(rogues) == {"no-ca", "unregistered"}
+        codes = {name: proc.wait(timeout=180) for name, proc in rogues.items()}
+    finally:
+        for proc in rogues.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    (record,) = read_records(run_dir)
+    assert record["clients"] == [0, 1] and record["failed_clients"] == {} and summary["rounds"] == 1
+    assert all(code != 0 for code in codes.values()), codes
+    assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "no-ca.log").read_text()
+    assert "Failed to activate SuperNode" in (tmp_path / "unregistered.log").read_text()
+    link_log = (run_dir / "flower" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in link_log  # the SuperLink served TLS only
+    assert all((run_dir / "flower" / f"register-{c}.log").exists() for c in (0, 1))
+    assert len(started) == 4  # superlink, 2 supernodes, flwr run
     _assert_all_gone(started)
 
 

@@ -6,11 +6,8 @@ A small seeded sample of the packaged dataset is written as a local CSV so each 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -119,47 +116,32 @@ def _records_without_timings(run_dir: Path) -> list[dict]:
     return out
 
 
-@pytest.mark.timeout(600)
-def test_killed_in_the_middle_of_a_round_and_resumed_matches_uninterrupted(rt_csv, tmp_path):
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_runs_killed_inside_writes_and_at_a_random_moment_resume_to_the_uninterrupted_results(rt_csv, tmp_path):
+    """scripts/kill_resume.py: SIGKILL inside the staged write of checkpoint.pt (its second) and of the adapter
+    directory, and once at a seeded random moment; each run resumed to the end equals an uninterrupted one (records
+    without wall times, adapter and base-edit tensors bit for bit). docs/reliability.md runs more trials."""
     overrides = [
         f"data.dataset={rt_csv}",
         "data.num_clients=3",
         "data.max_length=32",
         "federation.rounds=3",
-        "train.local_steps=4",
+        "train.local_steps=2",
         "train.batch_size=8",
         "federation.method=fedex_lora",
+        "federation.workers=0",
     ]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "fedlora.cli", "run"]
-    full = tmp_path / "full"
-    subprocess.run([*cmd, *overrides, f"output.dir={full}"], check=True, env=env, timeout=300, capture_output=True)
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [*cmd, *overrides, f"output.dir={killed}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (killed / "metrics.jsonl").exists():
-            time.sleep(0.05)
-        assert (killed / "metrics.jsonl").exists(), "the run saved no round in time"
-        time.sleep(0.5)  # inside round 2
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-    assert len((killed / "metrics.jsonl").read_text().splitlines()) < 3
-    subprocess.run([*cmd, "--resume", str(killed)], check=True, env=env, timeout=300, capture_output=True)
-
-    assert _records_without_timings(killed) == _records_without_timings(full)
-    a = load_file(full / "adapter" / "adapter_model.safetensors")
-    b = load_file(killed / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ea = load_file(full / "adapter" / "base_edits.safetensors")
-    eb = load_file(killed / "adapter" / "base_edits.safetensors")
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kill_resume.py"
+    argv = [sys.executable, str(script), "--trials", "3", "--hooks", "2", "--out", str(tmp_path), *overrides]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1400)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "3 of 3 trials equal to the uninterrupted run", done.stdout
+    for hook in ("checkpoint.pt:2", "adapter:1"):
+        assert any(f"inside the write of {hook} (killed)" in line for line in lines), done.stdout
+    assert (tmp_path / "trial-0" / "adapter" / "base_edits.safetensors").exists()
+    assert not list(tmp_path.glob("trial-*/*.tmp"))  # staging files were renamed or replaced
 
 
 def test_compare_and_plot(rt_csv, tmp_path):

@@ -251,14 +251,12 @@ def plot(
     """PNGs of one or more runs, one curve per run labelled by the config keys that differ (runs differing only
     in seed: mean ± std): accuracy, local_global_gap, loss, divergence, divergence_heatmap, accuracy_vs_bytes,
     accuracy_vs_alpha and divergence_vs_alpha (when the runs span several Dirichlet α)."""
-    from rich.markup import escape
-
     from fedlora import plots
 
     try:
         plotted = plots.plot_runs(run_dirs, out or run_dirs[0], plots.figure_names(only))
     except (ValueError, OSError) as e:
-        _fail(escape(str(e)))
+        _fail(str(e))
     for warning in plotted.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     for name, reason in plotted.skipped.items():
@@ -421,20 +419,25 @@ def list_methods(
 ) -> None:
     """Every registered method with its capabilities and communication; with a NAME, the method's description
     (paper and update rule) and its hyperparameters (the ``method.*`` config keys) with types and defaults."""
-    from rich.markup import escape
-
-    from fedlora import methods
+    from fedlora import method_help, methods
 
     if name is None:
         console.print(_capabilities_table(methods.available()))
         _print_lines(["", "Communication: scalars sent per adapted d×k matrix, per client, per round."])
         for key in methods.available():
             _print_lines(_communication(key))
+        _print_lines(["", "Secure aggregation and central DP need an uplink the server only sums:"])
+        console.print(_privacy_table(methods.available()))
+        _print_lines(["", "Why not:"])
+        for key in methods.available():
+            if not methods.capabilities(key).secure_aggregation:
+                text = method_help.outside_brackets(f"{key}: {methods.capabilities(key).not_a_sum}")
+                _print_lines(method_help.fill_units(text, console.width, "  ", "    "))
         return
     try:
         params = methods.params_class(name)
     except ValueError as e:
-        _fail(escape(str(e)))
+        _fail(str(e))
     _print_params(name, params)
 
 
@@ -461,6 +464,19 @@ def _capabilities_table(names: list[str]) -> Table:
         c = methods.capabilities(key)
         flags = (c.writes_base, c.personalised, c.per_client_download)
         table.add_row(key, yes[c.exact], c.heterogeneous_ranks, *(yes[f] for f in flags), ", ".join(c.variants))
+    return table
+
+
+def _privacy_table(names: list[str]) -> Table:
+    """Per method: whether its uplink works under secure aggregation, and under central DP (with its conditions)."""
+    from fedlora import methods, privacy
+
+    table = Table(box=None, padding=(0, 1), header_style="bold underline")
+    for column in ("method", "secure\naggregation", "central\nDP"):
+        table.add_column(column, no_wrap=True)
+    for key in names:
+        secure = methods.capabilities(key).secure_aggregation
+        table.add_row(key, "yes" if secure else "no", privacy.support(key))
     return table
 
 

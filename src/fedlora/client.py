@@ -4,7 +4,9 @@
 The method turns the download into a ``TrainPlan``; the shared loop trains it on the task's loss
 (``fedlora.training``, which touches the PEFT edge once on the way in and once on the way out); in a round that
 evaluates, the client's own trained adapter is evaluated on its own test split (the local metrics); the method
-then decides what goes up and what stays in the client state.
+then decides what goes up and what stays in the client state. A client with a simulated fault
+(``faults.clients``, ``fedlora.faults``) raises or hangs before training, or has its upload corrupted after
+``method.upload``, the same way on every engine.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedlora import faults
 from fedlora.evaluation import metrics, scope
-from fedlora.experiment import CLIENT, Experiment, derive_seed, train_settings
+from fedlora.experiment import CLIENT, FAULTS, Experiment, derive_seed, train_settings
+from fedlora.payload import reference_tensors
 from fedlora.training import train_client
 from fedlora.types import Contribution, Payload
 
@@ -37,6 +41,8 @@ class ClientOutcome:
 
 def client_round(exp: Experiment, download: Payload, client_state: Any, c: int, rnd: int) -> ClientOutcome:
     """prepare → train → local evaluation → upload, for client ``c`` in round ``rnd`` given its download."""
+    fault = exp.cfg.faults.clients.get(str(c))
+    faults.before_training(fault, c, rnd, exp.cfg.federation.round_timeout)
     info = exp.client_info(c)
     plan, client_state = exp.method.prepare(client_state, download, info, rnd)
     data = exp.clients[c]
@@ -47,5 +53,7 @@ def client_round(exp: Experiment, download: Payload, client_state: Any, c: int, 
     local = metrics(exp, data.test, full) if full is not None else None
     eval_seconds = time.perf_counter() - started
     upload, client_state = exp.method.upload(client_state, result.adapter, result.extras, info, rnd)
+    start = reference_tensors(plan.adapter, plan.extras)
+    upload = faults.corrupt(fault, upload, start, derive_seed(exp.cfg.seed, FAULTS, rnd, c))
     contribution = Contribution(c, float(data.num_examples), upload)
     return ClientOutcome(contribution, local, result.loss, download.nbytes, result.seconds, eval_seconds, client_state)

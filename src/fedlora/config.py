@@ -43,10 +43,12 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ExperimentConfig",
+    "FaultsConfig",
     "FederationConfig",
     "LoraConfig",
     "ModelConfig",
     "OutputConfig",
+    "PrivacyConfig",
     "TrainConfig",
     "dump_toml",
     "from_flat",
@@ -75,6 +77,8 @@ Tracker = Literal["tensorboard", "mlflow"]
 Schedule = Literal["constant", "cosine", "linear_warmup"]
 Keep = Literal["last", "best"]
 DEFAULT_VAL_FRACTION = 0.1
+Screen = Literal["finite", "norm"]
+Mechanism = Literal["none", "central_dp", "dp_sgd"]
 
 
 class ConfigError(ValueError):
@@ -254,11 +258,17 @@ class FederationConfig:
     """``federation.*``: the method (a registry key), rounds, client sampling and the engine.
 
     clients_per_round: sampled uniformly (seeded) each round; unset means every client.
-    round_timeout: seconds; on the Flower engines a later client is left out of the round.
-    min_clients: a round with fewer answers fails.
+    round_timeout: seconds; a client that has not answered by then is left out of the round (Flower engines, and
+        the in-process worker pool, which replaces the worker that overran).
+    min_clients: a round with fewer answers (after screening) fails.
     workers: ``inprocess`` engine only: worker processes that train a round's clients in parallel, each with one
         torch thread (0: clients train one after another in the main process); unset: min(2, CPU cores), or 0
         when one client is sampled per round. Results do not depend on which worker ran which client.
+    screen: what the server refuses before aggregating (``fedlora.screening``): ``finite`` refuses non-finite
+        values and wrong names, shapes, ranks or dtypes; ``norm`` also refuses updates whose norm is a robust
+        outlier, |x − median| / (1.4826·MAD) > ``screen_z``.
+    tls, node_auth: ``flower-deployment`` only: TLS with a generated CA and certificates; SuperNode
+        authentication with generated, registered key pairs (``fedlora.engines.flower.security``).
     """
 
     method: str = _spec(DEFAULT_METHOD, "a registered method name", _non_empty)
@@ -268,9 +278,68 @@ class FederationConfig:
     round_timeout: float = _spec(600.0, "a positive float (seconds)", _positive)
     min_clients: int = _spec(1, "a positive int", _positive)
     workers: int | None = _spec(None, "a non-negative int (or unset: automatic)", _non_negative)
+    screen: Screen = "finite"
+    screen_z: float = _spec(3.5, "a positive float (robust z-score threshold)", _positive)
+    tls: bool = False
+    node_auth: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "federation")
+        if (self.tls or self.node_auth) and self.engine != "flower-deployment":
+            key = "federation.tls" if self.tls else "federation.node_auth"
+            raise _bad(
+                key, True, f"false: it applies to federation.engine = 'flower-deployment' only, not {self.engine!r}"
+            )
+        if self.node_auth and not self.tls:
+            raise _bad(
+                "federation.node_auth", True, "federation.tls = true as well (authenticated nodes over TLS only)"
+            )
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """``faults.*``: simulated faults, for tests and robustness research (``fedlora.faults``).
+
+    clients: {client id: fault} applied to that client's upload every round it is sampled, on every engine:
+        ``nan``, ``inf``, ``scale:F``, ``random``, ``shape``, ``raise`` or ``hang``.
+    """
+
+    clients: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from fedlora import faults
+
+        _validate(self, "faults")
+        for client, spec in self.clients.items():
+            if not client.isdigit():
+                raise _bad(f"faults.clients.{client}", spec, "a table keyed by client ids (0, 1, ...)")
+            problem = faults.problem(spec)
+            if problem is not None:
+                raise _bad(f"faults.clients.{client}", spec, problem)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``privacy.*``: client-level differential privacy (``fedlora.privacy``).
+
+    mechanism: ``none``; ``central_dp`` (a trusted server clips each client's update to ``clip_norm`` in L2 over
+        all its uploaded tensors and adds Gaussian noise of ``noise_multiplier`` × the sensitivity to the weighted
+        sum; ε at ``delta`` from an RDP accountant); ``dp_sgd`` is refused (see docs/reliability.md).
+    """
+
+    mechanism: Mechanism = "none"
+    clip_norm: float = _spec(1.0, "a positive float (L2 norm)", _positive)
+    noise_multiplier: float = _spec(1.0, "a non-negative float", _non_negative)
+    delta: float = _spec(1e-5, "a float in (0, 1)", _open_unit)
+
+    def __post_init__(self) -> None:
+        _validate(self, "privacy")
+        if self.mechanism == "dp_sgd":
+            raise _bad(
+                "privacy.mechanism",
+                self.mechanism,
+                '"none" or "central_dp": local DP-SGD through Opacus is not available (docs/reliability.md says why)',
+            )
 
 
 @dataclass(frozen=True)
@@ -374,11 +443,14 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _validate(self, "")
         self._check_clients()
         self._check_method()
+        self._check_privacy()
 
     def _check_clients(self) -> None:
         n = self.data.num_clients
@@ -394,6 +466,9 @@ class ExperimentConfig:
         if self.federation.min_clients > sampled:
             expected = f"an int in [1, {sampled}] (the clients sampled per round)"
             raise _bad("federation.min_clients", self.federation.min_clients, expected)
+        for client, spec in self.faults.clients.items():
+            if int(client) >= n:
+                raise _bad(f"faults.clients.{client}", spec, f"a client id in [0, {n}) (data.num_clients = {n})")
 
     def _check_method(self) -> None:
         name = self.federation.method
@@ -415,6 +490,27 @@ class ExperimentConfig:
         if variant not in caps.variants:
             expected = f"one of {', '.join(map(repr, caps.variants))} (the variants method {name!r} supports)"
             raise _bad("model.lora.variant", variant, expected)
+
+    def _check_privacy(self) -> None:
+        """Central DP only where the server step is a plain weighted sum of equal-shaped uploads."""
+        if self.privacy.mechanism != "central_dp":
+            return
+        name, caps = self.federation.method, methods.capabilities(self.federation.method)
+        if not caps.secure_aggregation:
+            reason = f"method {name!r}'s server step is not a weighted sum of uploads: {caps.not_a_sum}"
+            raise _bad("privacy.mechanism", "central_dp", f'"none": {reason}')
+        ranks = self.model.lora.ranks
+        if ranks is not None and len(set(ranks)) > 1:
+            expected = (
+                'equal ranks with privacy.mechanism = "central_dp" (noise enters the weighted sum exactly only '
+                "when every upload has the same shapes)"
+            )
+            raise _bad("model.lora.ranks", ranks, expected)
+        if self.method.get("reset") == "client":
+            expected = (
+                '"server" with privacy.mechanism = "central_dp" (the server must know what each client starts from)'
+            )
+            raise _bad("method.reset", "client", expected)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from fedlora.methods.base import ClientInfo, Method, ModelInfo
 from fedlora.tasks import Encoded, Examples, Task
 from fedlora.training import TrainSettings
 
-SAMPLING, CLIENT, EVAL_SAMPLE = 0, 1, 2
-"""Independent random streams: client sampling per round, a client's training per (round, client), and the
-per-client evaluation subsample."""
+SAMPLING, CLIENT, EVAL_SAMPLE, FAULTS, PRIVACY = 0, 1, 2, 3, 4
+"""Independent random streams: client sampling per round, a client's training per (round, client), the
+per-client evaluation subsample, simulated faults per (round, client) and the central-DP noise per round."""
 
 
 def derive_seed(seed: int, stream: int, *keys: int) -> int:

@@ -241,3 +241,9 @@ def _pad_cols(B: Tensor, r: int) -> Tensor:
 
 def _pad_rows(A: Tensor, r: int) -> Tensor:
     return torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])], 0) if A.shape[0] < r else A
+
+
+def factored_norm(parts: Sequence[LowRank]) -> float:
+    """‖Σ_i X_i Y_i‖_F from the factors, ⟨XᵀX, YYᵀ⟩ on the concatenation (float64): no d×k matrix is formed."""
+    c = concat(parts)
+    return math.sqrt(max(float(((c.B.T @ c.B) * (c.A @ c.A.T)).sum()), 0.0))

@@ -80,19 +80,27 @@ def pack_base_edits(edits: tuple[BaseEdit, ...]) -> dict[str, Tensor]:
 
 
 def unpack_base_edits(tensors: Mapping[str, Tensor]) -> tuple[BaseEdit, ...]:
-    """Base edits in version order."""
+    """Base edits in version order; a malformed name, an unpaired left/right or mismatched factor shapes are a
+    ValueError naming the tensor."""
     by_version: dict[int, tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]] = {}
     for name, t in tensors.items():
         if not name.startswith("base."):
             continue
-        _, version, rest = name.split(".", 2)
-        module, kind = rest.rsplit(".", 1)
+        version, _, rest = name[len("base.") :].partition(".")
+        module, _, kind = rest.rpartition(".")
+        if not version.isdigit() or not module or kind not in ("left", "right", "dense"):
+            raise ValueError(f"{name!r}: expected base.<version>.<module>.left|right|dense")
         left, right, dense = by_version.setdefault(int(version), ({}, {}, {}))
         {"left": left, "right": right, "dense": dense}[kind][module] = t
-    return tuple(
-        BaseEdit(v, {m: LowRank(left[m], right[m]) for m in left}, dict(dense))
-        for v, (left, right, dense) in sorted(by_version.items())
-    )
+    edits = []
+    for v, (left, right, dense) in sorted(by_version.items()):
+        if set(left) != set(right):
+            raise ValueError(f"base.{v}.{sorted(set(left) ^ set(right))[0]}: a factored edit needs left and right")
+        try:
+            edits.append(BaseEdit(v, {m: LowRank(left[m], right[m]) for m in left}, dict(dense)))
+        except ValueError as e:
+            raise ValueError(f"base.{v}: {e}") from None
+    return tuple(edits)
 
 
 def pack_sparse(name: str, values: Tensor, indices: Tensor) -> dict[str, Tensor]:
@@ -109,3 +117,17 @@ def unpack_sparse(tensors: Mapping[str, Tensor], who: str = "payload") -> dict[s
     if set(values) != set(indices):
         raise ValueError(f"{who}: sparse tensors {sorted(set(values) ^ set(indices))} lack values or indices")
     return {n: (values[n], indices[n].to(torch.int64)) for n in sorted(values)}
+
+
+def reference_tensors(adapter: Adapter | None, extras: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Named tensors of a starting point (a global model, a client's plan): what an upload is compared with."""
+    return (pack_adapter(adapter) if adapter is not None else {}) | pack_extras(extras)
+
+
+def leading_block(tensors: Mapping[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor | None:
+    """The leading block of ``shape`` of ``tensors[name]`` (a lower-rank upload is compared with the first rank
+    components of its reference), or None when there is no such tensor or it is smaller than ``shape``."""
+    t = tensors.get(name)
+    if t is None or t.dim() != len(shape) or any(s > n for s, n in zip(shape, t.shape, strict=True)):
+        return None
+    return t[tuple(slice(0, s) for s in shape)]

@@ -898,7 +898,9 @@ def load_adapter_dir(model: PreTrainedModel, directory: str | Path) -> PeftModel
     adapter = read_adapter_dir(directory)
     where = f"loading {directory}"
     paths = module_paths(model, [*adapter.adapter, *(n.rsplit(".", 1)[0] for n in adapter.extras)], where)
-    return _load_checked(model, directory, adapter, paths, where)
+    with warnings.catch_warnings():  # the portable name (fedlora:minilm) is resolved to a path on purpose
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.* was renamed", category=UserWarning)
+        return _load_checked(model, directory, adapter, paths, where)
 
 
 def module_paths(model: nn.Module, modules: Sequence[str], where: str) -> dict[str, str]:

@@ -5,13 +5,24 @@ A run directory holds ``config.toml`` (the resolved config), ``metrics.jsonl`` (
 ``checkpoint.pt`` (the ``RunState`` after the last finished round, for ``--resume``), and at the end ``adapter/``
 (the global model as a PEFT adapter directory, plus ``base_edits.safetensors`` for methods that edit base
 weights) and ``summary.json``.
+
+Crash safety: every file is written by staging (``<name>.tmp`` in the same directory), fsync, rename over the
+old one and fsync of the directory; the adapter directory is staged whole (``adapter.tmp/``) and renamed in place
+of the old one, before ``summary.json``. So a run killed at any moment (even SIGKILL inside a write) leaves each
+file either at its previous or at its new content, and ``--resume`` continues from the last checkpoint (from
+round 1 when only ``config.toml`` was written; only the outputs when every round had finished) to the same
+results as an uninterrupted run. The environment variable ``FEDLORA_TEST_KILL = "<file>:<n>"`` (test-only) kills
+the process with SIGKILL in the n-th staged write of ``<file>`` (e.g. ``checkpoint.pt:2``), after half of the
+staged file was written and before the rename.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import signal
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +39,8 @@ from fedlora.types import RunState
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+KILL_ENV = "FEDLORA_TEST_KILL"
+_staged: dict[str, int] = {}
 
 
 def default_run_dir(cfg: cfgmod.ExperimentConfig) -> Path:
@@ -46,11 +59,15 @@ def start(exp: Experiment, run_dir: Path, resume: bool) -> RunState:
     """The run's state: from the checkpoint (the model brought to it) when resuming, else a fresh server state,
     with the resolved config written to ``config.toml``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
+    if resume and (run_dir / CHECKPOINT).exists():
         state = load_checkpoint(run_dir)
         restore_model(exp, state)
+        write_metrics(run_dir, state)  # a kill between the checkpoint and metrics.jsonl left the latter behind
         return state
-    (run_dir / "config.toml").write_text(cfgmod.dump_toml(exp.cfg))
+    if resume and not (run_dir / "config.toml").exists():
+        load_checkpoint(run_dir)  # the error: nothing to resume
+    if not resume:
+        write_atomic(run_dir / "config.toml", cfgmod.dump_toml(exp.cfg).encode())
     return RunState(1, exp.method.init_server(exp.info, exp.cfg.seed), {})
 
 
@@ -68,14 +85,57 @@ def finish(exp: Experiment, run_dir: Path, state: RunState, trackers: Trackers) 
 
 
 def save_checkpoint(run_dir: Path, state: RunState) -> None:
-    """Atomically: write a temporary file, then rename over the checkpoint and rewrite metrics.jsonl."""
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
-    lines = "".join(json.dumps(r) + "\n" for r in state.records)
-    tmp_metrics = run_dir / (METRICS + ".tmp")
-    tmp_metrics.write_text(lines)
-    os.replace(tmp_metrics, run_dir / METRICS)
+    """The checkpoint, then metrics.jsonl, each replaced atomically (see the module docstring)."""
+    stage(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    write_metrics(run_dir, state)
+
+
+def write_metrics(run_dir: Path, state: RunState) -> None:
+    """metrics.jsonl from the run state's records, atomically."""
+    write_atomic(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.records).encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds either its old content or ``data``, whenever the process dies."""
+    stage(path, lambda tmp: tmp.write_bytes(data))
+
+
+def stage(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` a staging file (or directory) beside ``path``, fsync it, rename it over ``path``, fsync the
+    directory. A staged directory replaces ``path`` after the old one is removed."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    write(tmp)
+    for f in sorted(tmp.rglob("*")) if tmp.is_dir() else [tmp]:
+        if f.is_file():
+            _fsync(f)
+    _test_kill(path, tmp)
+    if tmp.is_dir() and path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _test_kill(path: Path, tmp: Path) -> None:
+    """Test-only: SIGKILL in the n-th staged write of ``path.name`` when ``FEDLORA_TEST_KILL`` says so, after
+    truncating the staged file to half (a write cut short)."""
+    target = os.environ.get(KILL_ENV, "")
+    if not target:
+        return
+    _staged[path.name] = _staged.get(path.name, 0) + 1
+    if target == f"{path.name}:{_staged[path.name]}":
+        if tmp.is_file():
+            os.truncate(tmp, tmp.stat().st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(run_dir: Path) -> RunState:
@@ -96,13 +156,16 @@ def save_outputs(exp: Experiment, run_dir: Path, state: RunState) -> dict[str, A
     edits + head) that describes itself (``adapter_card``), and summary.json."""
     model = state.best.model if state.best is not None else global_model(exp, state)[0]
     load_global(exp, model)
-    adapter = run_dir / "adapter"
-    peft_io.save_model_adapter(exp.model, adapter)
-    if model.base_edits:
-        peft_io.write_base_edits(adapter / peft_io.BASE_EDITS_FILE, model.base_edits)
     summary = summarize(state.records, exp.cfg, exp.metrics[0], exp.task.higher_is_better)
-    adapter_card.describe(adapter, exp, state.records, summary)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    def write_adapter(tmp: Path) -> None:
+        peft_io.save_model_adapter(exp.model, tmp)
+        if model.base_edits:
+            peft_io.write_base_edits(tmp / peft_io.BASE_EDITS_FILE, model.base_edits)
+        adapter_card.describe(tmp, exp, state.records, summary)
+
+    stage(run_dir / "adapter", write_adapter)
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -125,20 +188,25 @@ def summarize(
     summary["evaluated_rounds"] = [r["round"] for r in records if r.get("evaluated", True)]
     summary |= {k: last[k] for k in ("majority_share", "local_majority_share") if k in last}
     summary |= {k.replace("global_", "final_global_", 1): v for k, v in last.items() if _is_global_metric(k, v)}
-    summary |= _kept(records, cfg, primary, higher_is_better)
-    return summary | {
-        f"best_global_{primary}": best[f"global_{primary}"],
-        "best_round": best["round"],
-        f"mean_local_{primary}": float(np.mean(local)),
-        f"final_local_{primary}": last[f"local_{primary}"],
-        "final_local_global_gap": last["local_global_gap"],
-        "mean_divergence": float(np.mean([r["divergence"] for r in records])),
-        "final_divergence": last["divergence"],
-        "total_bytes_up": int(sum(r["bytes_up"] for r in records)),
-        "total_bytes_down": int(sum(r["bytes_down"] for r in records)),
-        "wall_seconds": float(sum(r["seconds"] for r in records)),
-        "missing_clients": missing_clients(records),
-    }
+    return (
+        summary
+        | _kept(records, cfg, primary, higher_is_better)
+        | {
+            f"best_global_{primary}": best[f"global_{primary}"],
+            "best_round": best["round"],
+            f"mean_local_{primary}": float(np.mean(local)),
+            f"final_local_{primary}": last[f"local_{primary}"],
+            "final_local_global_gap": last["local_global_gap"],
+            "mean_divergence": float(np.mean([r["divergence"] for r in records])),
+            "final_divergence": last["divergence"],
+            "total_bytes_up": int(sum(r["bytes_up"] for r in records)),
+            "total_bytes_down": int(sum(r["bytes_down"] for r in records)),
+            "wall_seconds": float(sum(r["seconds"] for r in records)),
+            "missing_clients": missing_clients(records),
+            "excluded_clients": missing_clients(records, "excluded_clients"),
+        }
+        | ({"epsilon": last["epsilon"], "delta": cfg.privacy.delta} if "epsilon" in last else {})
+    )
 
 
 def _kept(
@@ -160,10 +228,11 @@ def _is_global_metric(key: str, value: Any) -> bool:
     return key.startswith("global_") and not key.endswith("_on_local") and isinstance(value, float | int)
 
 
-def missing_clients(records: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
-    """{client: the rounds it was sampled but left out of (it failed, timed out or its node was down)}."""
+def missing_clients(records: Sequence[Mapping[str, Any]], key: str = "failed_clients") -> dict[str, list[int]]:
+    """{client: the rounds it was sampled but left out of}: it failed, timed out or its node was down
+    (``failed_clients``), or screening refused its upload (``excluded_clients``)."""
     out: dict[str, list[int]] = {}
     for r in records:
-        for c in r.get("failed_clients", {}):
+        for c in r.get(key, {}):
             out.setdefault(str(c), []).append(int(r["round"]))
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))

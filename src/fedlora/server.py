@@ -8,9 +8,11 @@ An engine runs a round as::
     ... each sampled client's round, wherever the engine runs it (fedlora.client.client_round) ...
     close_round(exp, state, rnd, outcomes, failures, evaluate, started, parallel)
 
-``close_round`` checks ``federation.min_clients``, keeps the new client states, calls ``method.aggregate`` with
-weights normalised over the clients that answered, evaluates the global model through the engine's ``evaluate``
-in a round that evaluates, and appends the round's metrics record to the run state.
+``close_round`` screens the uploads (``federation.screen``, ``fedlora.screening``), checks
+``federation.min_clients`` against the clients kept, keeps their new client states, clips and noises their uploads
+under central DP (``privacy.mechanism``, ``fedlora.privacy``), calls ``method.aggregate`` with weights normalised
+over the clients kept, evaluates the global model through the engine's ``evaluate`` in a round that evaluates,
+and appends the round's metrics record to the run state.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from fedlora import keep, schedule
+from fedlora import keep, privacy, schedule, screening
 from fedlora.client import ClientOutcome
 from fedlora.evaluation import Evaluation, global_model, scope
-from fedlora.experiment import SAMPLING, Experiment, derive_seed
+from fedlora.experiment import PRIVACY, SAMPLING, Experiment, derive_seed
 from fedlora.methods.base import GlobalModel
+from fedlora.payload import reference_tensors
 from fedlora.types import AggregationReport, Contribution, Payload, RunState
 
 Evaluate = Callable[[Experiment, GlobalModel, Sequence[int], bool], Evaluation]
@@ -71,21 +74,33 @@ def close_round(
     started: float,
     parallel: bool,
 ) -> None:
-    """Aggregate the round's outcomes, evaluate (in a round that evaluates) and record, in place on ``state``.
+    """Screen, aggregate the round's outcomes, evaluate (in a round that evaluates) and record, in place on
+    ``state``.
 
     ``started``: ``time.perf_counter()`` when the clients started; ``parallel``: whether they trained in parallel
     (then the round's wall time is split between training and local evaluation in proportion to their CPU time).
-    Fewer answers than ``federation.min_clients`` fail the round with every failure listed.
+    Fewer clients kept than ``federation.min_clients`` fail the round with every failure and refusal listed.
     """
-    if len(outcomes) < exp.cfg.federation.min_clients:
+    t_agg = time.perf_counter()
+    start = exp.method.export(state.server)
+    reference = reference_tensors(start.adapter, start.extras)
+    fed = exp.cfg.federation
+    answered = [o.contribution for o in outcomes]
+    kept, excluded, norms = screening.screen(answered, exp.info, exp.ranks, reference, fed.screen, fed.screen_z)
+    if len(kept) < fed.min_clients:
         raise RuntimeError(
-            f"round {rnd}: {len(outcomes)} clients answered, fewer than federation.min_clients = "
-            f"{exp.cfg.federation.min_clients}; failures: {dict(failed)}"
+            f"round {rnd}: {len(kept)} clients answered and passed screening, fewer than federation.min_clients = "
+            f"{fed.min_clients}; failures: {dict(failed)}; refused by screening: {excluded}"
         )
+    outcomes = [o for o in outcomes if o.contribution.client not in excluded]
     for o in outcomes:
         state.clients[o.contribution.client] = o.client_state
-    t_agg = time.perf_counter()
-    state.server, report = exp.method.aggregate(state.server, normalized([o.contribution for o in outcomes]), rnd)
+    contributions, extra = normalized(kept), {"excluded_clients": excluded}
+    if fed.screen == "norm":
+        extra["update_norms"] = {str(c): v for c, v in norms.items()}
+    if exp.cfg.privacy.mechanism == "central_dp":
+        contributions, extra = _privatized(exp, contributions, reference, rnd, extra)
+    state.server, report = exp.method.aggregate(state.server, contributions, rnd)
     model, errors = global_model(exp, state)
     report = replace(report, modules=errors) if errors else report
     t_eval = time.perf_counter()
@@ -103,10 +118,36 @@ def close_round(
         "eval": done - t_eval + local_eval * share,
         "other": client_wall - (train + local_eval) * share,
     }
-    state.records.append(round_record(exp, rnd, outcomes, failed, report, evaluation, full is True, seconds))
+    record = round_record(exp, rnd, outcomes, failed, report, evaluation, full is True, seconds)
+    state.records.append(record | extra | _faults(exp, [o.contribution.client for o in outcomes], failed, excluded))
     if exp.cfg.output.keep == "best":
         state.best = keep.update(state.best, state.records, model, exp.metrics[0], exp.task.higher_is_better)
     state.next_round = rnd + 1
+
+
+def _privatized(
+    exp: Experiment, contributions: list[Contribution], reference: Mapping[str, Any], rnd: int, extra: dict[str, Any]
+) -> tuple[list[Contribution], dict[str, Any]]:
+    """Central DP on the round's contributions, and the record's privacy keys (ε spent after this round)."""
+    p, cfg = exp.cfg.privacy, exp.cfg
+    done = privacy.privatize(
+        contributions, reference, p.clip_norm, p.noise_multiplier, derive_seed(cfg.seed, PRIVACY, rnd)
+    )
+    rate = (cfg.federation.clients_per_round or cfg.data.num_clients) / cfg.data.num_clients
+    return done.contributions, extra | {
+        "epsilon": privacy.epsilon(p.noise_multiplier, rate, rnd, p.delta),
+        "dp_noise_std": done.noise_std,
+        "dp_update_norms": {str(c): v for c, v in done.norms.items()},
+        "dp_clipped": sorted(c for c, v in done.norms.items() if v > p.clip_norm),
+    }
+
+
+def _faults(exp: Experiment, kept: Sequence[int], failed: Mapping[int, str], excluded: Mapping[int, str]) -> dict:
+    """The simulated faults of the round's sampled clients (``faults.clients``), when any is configured."""
+    if not exp.cfg.faults.clients:
+        return {}
+    sampled = set(kept) | set(failed) | set(excluded)
+    return {"faults": {c: f for c, f in exp.cfg.faults.clients.items() if int(c) in sampled}}
 
 
 def evaluation_keys(exp: Experiment) -> tuple[str, ...]:

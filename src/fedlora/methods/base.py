@@ -101,6 +101,9 @@ class Capabilities:
     variants: the ``model.lora.variant`` values the method runs on. HiRA (ΔW = W0 ⊙ B̃A) is opt-in: a method
         declares it only when its math holds for the B̃A inside the Hadamard product; one that writes base
         weights cannot (the edit would change every Hadamard term), which config validation also refuses.
+    secure_aggregation: the server step is a plain weighted sum of the uploads (Σ_u w_u upload_u, w the
+        normalised data weights), so it works under secure aggregation and central DP (``fedlora.privacy``);
+        ``not_a_sum`` says why not where it is not.
     """
 
     exact: bool
@@ -114,6 +117,11 @@ class Capabilities:
     paper: str
     needs_base_weights: bool = False
     variants: tuple[str, ...] = ("lora", "dora")
+    not_a_sum: str = ""
+
+    def __post_init__(self) -> None:
+        if self.secure_aggregation == bool(self.not_a_sum):
+            raise ValueError("Capabilities: not_a_sum gives the reason exactly when secure_aggregation is False")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=False,
     secure_aggregation=False,
+    not_a_sum="its residual Σ w_u B̃_u A_u − B̄Ā needs each client's product",
     uplink="r(d+k)",
     downlink="r(d+k) + min((U+1)r(d+k), d·k) residual",
     paper="Singhal et al., ACL 2025, arXiv 2410.09432",

@@ -76,6 +76,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=False,
     secure_aggregation=False,
+    not_a_sum="it rotates each client's factors towards a reference before averaging (a Procrustes fit per client)",
     uplink="r(d+k)",
     downlink="r(d+k)",
     paper="Zhang et al., ICML 2026 (PMLR 306), arXiv 2602.23638",

@@ -92,6 +92,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=False,
     secure_aggregation=False,
+    not_a_sum="uploads are top-k entries at client-chosen indices",
     uplink="ρ_up·r(d+k) + as many int32 idx",
     downlink="ρ_down·r(d+k) + as many int32 idx",
     paper="Kuo et al., arXiv 2406.05233",

@@ -43,6 +43,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=True,
     secure_aggregation=False,
+    not_a_sum="its SVD of Σ w_u B̃_u A_u needs each client's product",
     uplink="r_u(d+k)",
     downlink="r_u(d+k), client-specific truncation",
     paper="Bai et al., NeurIPS 2024, arXiv 2402.11505",

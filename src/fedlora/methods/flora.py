@@ -39,6 +39,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=False,
     secure_aggregation=False,
+    not_a_sum="it stacks every client's factors B̃_u, A_u into the base edit",
     uplink="r_u(d+k)",
     downlink="min((Σ_u r_u)(d+k), d·k) base edit; the adapter restarts from a fresh init",
     paper="Wang et al., NeurIPS 2024, arXiv 2409.05976",

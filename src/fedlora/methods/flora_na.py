@@ -106,6 +106,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=False,
     secure_aggregation=False,
+    not_a_sum="it solves its coefficients from each client's factors (Gram blocks of B̃_u and A_u)",
     uplink="r(d+k)",
     downlink="r(d+k)",
     paper="Nguyen et al., arXiv 2509.26399",

@@ -101,6 +101,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=True,
     secure_aggregation=False,
+    not_a_sum="uploads are sparse rank components at client-specific indices, averaged per component",
     uplink="m_u(d+k) + 2m_u int32 idx",
     downlink="m_u(d+k) + 2m_u int32 idx",
     paper="Fang et al., arXiv 2501.19389",

@@ -64,6 +64,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=True,
     secure_aggregation=False,
+    not_a_sum="it weights each client by the norm of its own B̃_u A_u",
     uplink="r_u(d+k), r_u the client's current (self-pruned) rank",
     downlink="r_u(d+k), truncated to the client's current rank",
     paper="Cho et al., EMNLP 2024, arXiv 2401.06432",

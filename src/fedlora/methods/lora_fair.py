@@ -65,6 +65,7 @@ CAPABILITIES = Capabilities(
     personalised=False,
     per_client_download=False,
     secure_aggregation=False,
+    not_a_sum="its correction of B̄ needs each client's product B̃_u A_u",
     uplink="r(d+k)",
     downlink="r(d+k)",
     paper="Bian et al., ICCV 2025, arXiv 2411.14961",

@@ -23,9 +23,8 @@ Every message also carries the experiment config (record ``fedlora.config``, Flo
 - ``fedlora.base_edits``: every base edit the node received (payload names ``base.<v>.<m>.*``), replayed into a
   freshly built model (in deployment each message may run in a new process); replaying is idempotent by version.
 
-Test-only fault injection: a ``train`` message whose ``fedlora.task`` has ``fail = "raise"`` raises, one with
-``fail = "hang"`` sleeps past ``federation.round_timeout`` first (the server sets it for the clients listed in the
-environment variable ``FEDLORA_FLOWER_FAIL_CLIENTS``, read by the server).
+Simulated faults (``faults.clients``) act inside ``client_round``, as on every engine: a ``raise`` fault makes the
+``train`` reply an error, a ``hang`` fault answers only after ``federation.round_timeout``.
 """
 
 from __future__ import annotations
@@ -43,9 +42,6 @@ CONFIG, TASK = "fedlora.config", "fedlora.task"
 CLIENT_STATE, BASE_EDITS = "fedlora.client_state", "fedlora.base_edits"
 
 app = ClientApp()
-
-HANG_MARGIN = 15.0
-"""Seconds past ``federation.round_timeout`` an injected ``hang`` sleeps (test-only)."""
 
 MAX_EXPERIMENTS = 4
 """Experiments (model + one partition) a process keeps; an evicted node's model is rebuilt from its state."""
@@ -106,13 +102,6 @@ def train(msg: Message, context: Context) -> Message:
     from fedlora import peft_io
     from fedlora.client import client_round
 
-    task = msg.content.config_records[TASK]
-    fail = str(task.get("fail", ""))
-    if fail == "raise":
-        raise RuntimeError(f"client {task['client']}, round {task['round']}: injected failure (test-only)")
-    if fail == "hang":  # answers only after the server stopped waiting for this round
-        timeout = float(msg.content.config_records[CONFIG]["federation.round_timeout"])
-        time.sleep(timeout + HANG_MARGIN)
     exp, c, rnd = _experiment(msg, context)
     download = records.record_payload(msg.content)
     stored = context.state.config_records.get(CLIENT_STATE)

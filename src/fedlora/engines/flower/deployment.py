@@ -1,14 +1,20 @@
 """``federation.engine = "flower-deployment"``: a real Flower deployment on this machine's loopback interface.
 
 Starts one ``flower-superlink`` and one ``flower-supernode`` per client (``--node-config "partition-id=<c>
-num-partitions=<n>"``), all ``--insecure`` on 127.0.0.1 with free ports found first, then submits the app with
-``flwr run <app> deploy --stream``. The app directory is generated in a temporary directory: a
-``pyproject.toml`` whose ``[tool.flwr.app.components]`` name :mod:`fedlora.engines.flower.server_app` and
-:mod:`fedlora.engines.flower.client_app` and whose ``[tool.flwr.app.config]`` is the experiment's run config
-(:func:`fedlora.engines.flower.records.run_config`), so the ServerApp in the SuperLink's process tree rebuilds
-exactly this config. Flower runs with the current virtual environment
-(``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, ``--disable-runtime-dependency-installation``) and keeps its
-state in a temporary ``FLWR_HOME``.
+num-partitions=<n>"``) on 127.0.0.1 with free ports found first, then submits the app with
+``flwr run <app> deploy --stream``. Insecure by default; with ``federation.tls`` a CA and the SuperLink's
+certificate are generated (:mod:`fedlora.engines.flower.security`) and every connection (SuperNodes, ``flwr``,
+the health check) verifies the SuperLink against that CA; with ``federation.node_auth`` (which needs ``tls``) each
+SuperNode gets its own key pair, the SuperLink runs with ``--enable-supernode-auth``, and the public keys are
+registered (``flwr supernode register``) before the SuperNodes start, so only they can join. Credentials live in
+the temporary ``FLWR_HOME`` directory (mode 0700) and are deleted with it; ``<run_dir>/flower/deployment.json``
+names the SuperLink's address and CA certificate while the run lasts. The app directory is generated in a
+temporary directory: a ``pyproject.toml`` whose ``[tool.flwr.app.components]`` name
+:mod:`fedlora.engines.flower.server_app` and :mod:`fedlora.engines.flower.client_app` and whose
+``[tool.flwr.app.config]`` is the experiment's run config (:func:`fedlora.engines.flower.records.run_config`), so
+the ServerApp in the SuperLink's process tree rebuilds exactly this config. Flower runs with the current virtual
+environment (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, ``--disable-runtime-dependency-installation``) and
+keeps its state in a temporary ``FLWR_HOME``.
 
 Every process this module starts is its own session leader; on exit, failure or Ctrl-C each is stopped by PID
 (its process group: SIGTERM, then SIGKILL after ``STOP_TIMEOUT``), which also ends the ``flower-superexec`` and
@@ -27,6 +33,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,13 +44,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedlora import config as cfgmod
-from fedlora.engines.flower import records
+from fedlora.engines.flower import records, security
 
 STOP_TIMEOUT = 10.0
 START_TIMEOUT = 120.0
 HOST = "127.0.0.1"
 PIDS = "pids.json"
 """{process name: PID} of every process a deployment started, in ``<run_dir>/flower/`` while it runs."""
+CONNECTION = "deployment.json"
+"""{"superlink": address, "ca": CA certificate path or null, "tls": bool, "node_auth": bool}, in
+``<run_dir>/flower/``."""
+REGISTER_TIMEOUT = 60.0
 
 
 def free_ports(n: int, host: str = HOST) -> list[int]:
@@ -117,12 +128,15 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, ca: Path | None = None) -> None:
+    """Until ``GET /health`` answers 200 (over TLS verified against ``ca`` when given)."""
     deadline = time.monotonic() + START_TIMEOUT
+    scheme, context = ("https", ssl.create_default_context(cafile=str(ca))) if ca is not None else ("http", None)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; log {log}:\n{_tail(log)}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5) as r:
+        url = f"{scheme}://{HOST}:{port}/health"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5, context=context) as r:
             if r.status == 200:
                 return
         time.sleep(0.5)
@@ -135,11 +149,22 @@ def _tail(path: Path, n: int = 30) -> str:
     return ""
 
 
-def supernode_argv(bin_dir: Path, superlink: str, port: int, client: int, num_clients: int) -> list[str]:
-    """One client's SuperNode: insecure on loopback, its partition in the node config, bounded reconnecting."""
+def supernode_argv(
+    bin_dir: Path,
+    superlink: str,
+    port: int,
+    client: int,
+    num_clients: int,
+    ca: Path | None = None,
+    key: Path | None = None,
+) -> list[str]:
+    """One client's SuperNode on loopback: insecure, or verifying the SuperLink against ``ca``; authenticated with
+    private ``key`` when given; its partition in the node config; bounded reconnecting."""
+    security = ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
+    security += [] if key is None else ["--auth-supernode-private-key", str(key)]
     return [
         str(bin_dir / "flower-supernode"),
-        "--insecure",
+        *security,
         "--superlink",
         superlink,
         "--port",
@@ -149,6 +174,26 @@ def supernode_argv(bin_dir: Path, superlink: str, port: int, client: int, num_cl
         "--max-wait-time",  # a node that cannot reach the SuperLink gives up instead of retrying forever
         str(START_TIMEOUT),
     ]
+
+
+def superlink_argv(bin_dir: Path, port: int, certs: security.Certificates | None, node_auth: bool) -> list[str]:
+    """The SuperLink on loopback: insecure, or TLS with ``certs``; SuperNode authentication with ``node_auth``."""
+    if certs is None:
+        tls = ["--insecure"]
+    else:
+        tls = ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key)]
+    auth = ["--enable-supernode-auth"] if node_auth else []
+    where = ["--host", HOST, "--port", str(port)]
+    return [str(bin_dir / "flower-superlink"), *tls, *auth, *where, "--disable-runtime-dependency-installation"]
+
+
+def _register(bin_dir: Path, public_key: Path, env: dict[str, str], cwd: Path, log: Path) -> None:
+    """``flwr supernode register <public key> deploy``: the SuperLink then admits the SuperNode holding its key."""
+    argv = [str(bin_dir / "flwr"), "supernode", "register", str(public_key), "deploy"]
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, timeout=REGISTER_TIMEOUT, check=False)
+    log.write_bytes(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"flower-deployment: registering {public_key.name} failed; log {log}:\n{_tail(log)}")
 
 
 def _exited_nodes(procs: Processes, log_dir: Path) -> str:
@@ -243,28 +288,33 @@ def run_deployment(cfg: cfgmod.ExperimentConfig, run_dir: Path, resume: bool = F
     app_dir.mkdir()
     (app_dir / "pyproject.toml").write_text(app_pyproject(cfg))
     link_port, *node_ports = free_ports(1 + n)
-    conn = f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{HOST}:{link_port}"\ninsecure = true\n'
+    fed = cfg.federation
+    certs = security.certificates(home / "credentials") if fed.tls else None
+    keys = [security.node_keys(home / "credentials", f"supernode-{c}") for c in range(n)] if fed.node_auth else None
+    address = f"{HOST}:{link_port}"
+    trust = f'root-certificates = "{certs.ca}"' if certs is not None else "insecure = true"
+    conn = f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{address}"\n{trust}\n'
     (home / "home").mkdir()
     (home / "home" / "config.toml").write_text(conn)
+    connection = {
+        "superlink": address,
+        "ca": str(certs.ca) if certs else None,
+        "tls": fed.tls,
+        "node_auth": fed.node_auth,
+    }
+    (log_dir / CONNECTION).write_text(json.dumps(connection, indent=2))
     procs = Processes(log_dir, env)
     deadline = cfg.federation.rounds * 3 * cfg.federation.round_timeout + START_TIMEOUT
     try:
         with _sigterm_as_interrupt():
-            link = procs.start(
-                "superlink",
-                [
-                    str(bin_dir / "flower-superlink"),
-                    "--insecure",
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(link_port),
-                    "--disable-runtime-dependency-installation",
-                ],
-            )
-            _wait_healthy(link_port, link, log_dir / "superlink.log")
+            link = procs.start("superlink", superlink_argv(bin_dir, link_port, certs, fed.node_auth))
+            _wait_healthy(link_port, link, log_dir / "superlink.log", certs.ca if certs else None)
+            for c, keypair in enumerate(keys or []):
+                _register(bin_dir, keypair.public, env, app_dir, log_dir / f"register-{c}.log")
             for c, port in enumerate(node_ports):
-                procs.start(f"supernode-{c}", supernode_argv(bin_dir, f"{HOST}:{link_port}", port, c, n))
+                key = keys[c].private if keys else None
+                ca = certs.ca if certs else None
+                procs.start(f"supernode-{c}", supernode_argv(bin_dir, address, port, c, n, ca, key))
             flwr_run = procs.start(
                 "flwr-run", [str(bin_dir / "flwr"), "run", str(app_dir), "deploy", "--stream"], cwd=app_dir
             )

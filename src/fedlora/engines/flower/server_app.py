@@ -31,7 +31,6 @@ directly.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,22 +48,6 @@ from fedlora.evaluation import Evaluation, load_global, metrics, validation_metr
 from fedlora.experiment import Experiment, build
 from fedlora.methods.base import GlobalModel
 from fedlora.types import Contribution, Payload, RunState
-
-FAIL_ENV = "FEDLORA_FLOWER_FAIL_CLIENTS"
-"""Test-only fault injection: comma-separated ``<client>`` (the node raises on ``train``) or ``<client>:hang``
-(the node sleeps past ``federation.round_timeout`` before training)."""
-
-
-def injected_failures() -> dict[int, str]:
-    """{client: "raise" | "hang"} from ``FEDLORA_FLOWER_FAIL_CLIENTS`` (test-only)."""
-    out = {}
-    for item in filter(None, (x.strip() for x in os.environ.get(FAIL_ENV, "").split(","))):
-        client, _, mode = item.partition(":")
-        if mode not in ("", "hang"):
-            raise ValueError(f"{FAIL_ENV}: {item!r}: expected '<client>' or '<client>:hang'")
-        out[int(client)] = mode or "raise"
-    return out
-
 
 NODE_START_TIMEOUT = 180.0
 """At least this long (or ``federation.round_timeout`` if longer) the server waits at start-up for every node to
@@ -141,9 +124,8 @@ class FlowerRound:
         """Every sampled client's outcome from its node (in client order), and the failures."""
         rnd = self.rnd
         sampled = server.sample_clients(exp, rnd)
-        failing = injected_failures()
         downloads = server.downloads(exp, state, sampled, rnd)
-        messages = {c: self._message(exp, "train", c, rnd, downloads[c], fail=failing.get(c, "")) for c in sampled}
+        messages = {c: self._message(exp, "train", c, rnd, downloads[c]) for c in sampled}
         outcomes, failed = [], {}
         for c, reply in sorted(self._exchange(exp, messages).items()):
             if self.progress is not None:

@@ -32,6 +32,7 @@ def run(
     cfg: cfgmod.ExperimentConfig, run_dir: Path | None = None, resume: bool = False, progress: Any | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) an experiment in this process; returns the run directory and the summary."""
+    check_hang(cfg)
     run_dir = run_dir or rundir.default_run_dir(cfg)
     if not resume:
         rundir.check_fresh_dir(run_dir)
@@ -121,5 +122,15 @@ def _pool(cfg: cfgmod.ExperimentConfig) -> Iterator[WorkerPool | None]:
     if n == 0:
         yield None
         return
-    with WorkerPool(cfg, n) as pool:
+    with WorkerPool(cfg, n, cfg.federation.round_timeout) as pool:
         yield pool
+
+
+def check_hang(cfg: cfgmod.ExperimentConfig) -> None:
+    """A ``hang`` fault needs worker processes: the main process cannot give up on a client it is running."""
+    hanging = sorted(c for c, f in cfg.faults.clients.items() if f == "hang")
+    if hanging and num_workers(cfg) == 0:
+        raise ValueError(
+            f"faults.clients.{hanging[0]} = \"hang\" on federation.engine = 'inprocess' needs federation.workers ≥ 1: "
+            "a worker that overruns federation.round_timeout is replaced, the main process cannot abandon a client"
+        )

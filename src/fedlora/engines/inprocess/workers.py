@@ -6,14 +6,16 @@ same ``fedlora.client.client_round`` the sequential path calls) and the global m
 evaluation targets (``fedlora.evaluation``).
 The main process keeps every piece of state: it computes each client's download, sends each worker the base
 edits it has not applied yet, collects outcomes, and aggregates them in client order, so the results do not
-depend on which worker ran which client. Workers are stopped (by PID, with a timeout) on exit or failure.
+depend on which worker ran which client. A task that has not answered within ``timeout`` seconds (the engine passes
+``federation.round_timeout``) is given up: its worker is killed and replaced by a fresh one, and the task's result
+is an error naming the timeout. Workers are stopped (by PID, with a timeout) on exit or failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import traceback
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -67,30 +69,49 @@ def _worker_main(conn: Connection, cfg: Any) -> None:
                 peft_io.write_adapter(exp.model, task.adapter, task.extras, rank=exp.info.rank, seed=cfg.seed)
                 result = {t: sums(exp, target_set(exp, t), task.full) for t in task.targets}
             conn.send(("ok", result))
-        except Exception:
-            conn.send(("error", traceback.format_exc(limit=4)))
+        except Exception as e:  # one line, as the sequential path records it
+            conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 class WorkerPool:
-    """``n`` worker processes, each with its own experiment copy; use as a context manager."""
+    """``n`` worker processes, each with its own experiment copy; use as a context manager. ``timeout``: seconds
+    a task may take before its worker is replaced (None: no limit)."""
 
-    def __init__(self, cfg: Any, n: int) -> None:
-        ctx = mp.get_context("spawn")
+    def __init__(self, cfg: Any, n: int, timeout: float | None = None) -> None:
+        self.cfg, self.timeout = cfg, timeout
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
         self.versions: list[int] = []
         for _ in range(n):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, cfg), daemon=True)
-            proc.start()
-            child.close()
+            self._spawn()
+        for w in range(n):
+            self._ready(w)
+
+    def _spawn(self, w: int | None = None) -> None:
+        """Start a worker process (in slot ``w``, replacing the one there; else a new slot)."""
+        parent, child = mp.get_context("spawn").Pipe()
+        proc = mp.get_context("spawn").Process(target=_worker_main, args=(child, self.cfg), daemon=True)
+        proc.start()
+        child.close()
+        if w is None:
             self.conns.append(parent)
             self.procs.append(proc)
             self.versions.append(0)
-        for conn in self.conns:
-            status, _ = self._recv(conn)
-            if status != "ready":
-                raise RuntimeError("a worker process failed to start")
+        else:
+            self.conns[w], self.procs[w], self.versions[w] = parent, proc, 0
+
+    def _ready(self, w: int) -> None:
+        status, _ = self._recv(self.conns[w])
+        if status != "ready":
+            raise RuntimeError("a worker process failed to start")
+
+    def _replace(self, w: int) -> None:
+        """Kill worker ``w`` (it overran its task) and start a fresh one in its slot."""
+        self.procs[w].kill()
+        self.procs[w].join(STOP_TIMEOUT)
+        self.conns[w].close()
+        self._spawn(w)
+        self._ready(w)
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -117,22 +138,33 @@ class WorkerPool:
         ``on_done(i)`` is called as task i finishes (progress)."""
         results: list[tuple[str, Any] | None] = [None] * len(tasks)
         pending = list(enumerate(tasks))
-        busy: dict[Connection, tuple[int, int]] = {}
-        for w in range(len(self.conns)):
-            if pending:
+        busy: dict[int, tuple[int, float]] = {}  # worker -> (task, deadline)
+
+        def start(w: int) -> None:
+            if pending and self.procs[w].is_alive():
                 i, task = pending.pop(0)
                 self._send(w, task, edits)
-                busy[self.conns[w]] = (w, i)
+                busy[w] = (i, time.monotonic() + self.timeout if self.timeout is not None else float("inf"))
+
+        def finish(w: int, result: tuple[str, Any]) -> None:
+            i, _ = busy.pop(w)
+            results[i] = result
+            if on_done is not None:
+                on_done(i)
+            start(w)
+
+        for w in range(len(self.conns)):
+            start(w)
         while busy:
-            for conn in wait(list(busy)):
-                w, i = busy.pop(conn)  # type: ignore[arg-type]
-                results[i] = self._recv(conn)  # type: ignore[arg-type]
-                if on_done is not None:
-                    on_done(i)
-                if pending and self.procs[w].is_alive():
-                    j, task = pending.pop(0)
-                    self._send(w, task, edits)
-                    busy[conn] = (w, j)  # type: ignore[index]
+            wait_for = min(deadline for _, deadline in busy.values()) - time.monotonic()
+            ready = wait([self.conns[w] for w in busy], timeout=max(wait_for, 0.0) if wait_for < 1e9 else None)
+            for conn in ready:
+                w = self.conns.index(conn)  # type: ignore[arg-type]
+                finish(w, self._recv(conn))  # type: ignore[arg-type]
+            for w, (_, deadline) in list(busy.items()):
+                if time.monotonic() > deadline:
+                    self._replace(w)
+                    finish(w, ("error", f"no reply within federation.round_timeout = {self.timeout} s"))
         if pending:
             raise RuntimeError("every worker process died")
         return results  # type: ignore[return-value]
