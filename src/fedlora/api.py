@@ -76,12 +76,23 @@ def run(
     if resume is not None:
         if config is not None or overrides:
             raise ValueError("resume takes no config or overrides: the run's saved config.toml is used")
-        cfg, run_dir = cfgmod.load_config(Path(resume) / "config.toml"), Path(resume)
+        cfg, run_dir = resumed_config(resume), Path(resume)
     else:
         cfg = load_config(config, **overrides)
         run_dir = rundir.default_run_dir(cfg)
     run_dir, summary = engines.run(cfg, run_dir, resume is not None, progress)
     return _result(run_dir, cfg, summary)
+
+
+def resumed_config(run_dir: str | Path) -> cfgmod.ExperimentConfig:
+    """The saved config of the run to continue in ``run_dir``; a one-line error when there is none."""
+    file = Path(run_dir) / "config.toml"
+    if not file.is_file():
+        what = "does not exist" if not Path(run_dir).exists() else "holds no run (no config.toml)"
+        raise FileNotFoundError(
+            f"--resume {run_dir}: the directory {what}; give the run directory `fedlora run` printed"
+        )
+    return cfgmod.load_config(file)
 
 
 def compare(

@@ -106,7 +106,7 @@ def _describe(cfg: Any) -> str:
 def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
     from fedlora import config, engines
 
-    console.print(("resuming " if resume else "") + _describe(cfg))
+    console.print(("resuming " if resume else "") + _describe(cfg), markup=False, soft_wrap=True)  # user text
     if warning := config.emulated_bf16_warning(cfg.model.precision):
         console.print(f"[bold yellow]warning:[/] {warning}")
     columns = (
@@ -178,16 +178,16 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="Continue the run saved in this directory.")] = None,
 ) -> None:
     """Run a federated experiment: fedlora run [CONFIG.toml] [key=value ...]. No arguments: the default."""
-    from fedlora import config, rundir
+    from fedlora import api, config, rundir
 
     path, overrides = _split_config_args(list(ctx.args))
     if resume is not None and (path is not None or overrides):
         _fail("--resume takes no config or overrides: the run's saved config.toml is used")
     try:
-        cfg = config.load_config(resume / "config.toml") if resume is not None else config.load_config(path, overrides)
+        cfg = api.resumed_config(resume) if resume is not None else config.load_config(path, overrides)
         run_dir = resume if resume is not None else rundir.default_run_dir(cfg)
         run_dir, summary = _execute(cfg, run_dir, resume is not None)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: missing files, unwritable directories
         _fail(str(e))
     except KeyboardInterrupt:
         _interrupted(f"fedlora run --resume {run_dir}", run_dir / rundir.CHECKPOINT)
@@ -232,7 +232,7 @@ def compare(
         base = config.load_config(path, overrides)
         out = out or Path(base.output.dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare")
         results = api.compare(base, names, out=out, resume=resume, execute=_execute)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         again = " ".join(["fedlora compare", *ctx.args, "--methods", methods_, "--out", str(out), "--resume"])
@@ -303,7 +303,7 @@ def eval_(
 
     try:
         result = inference.evaluate(inference.load(run_or_adapter, device), data)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
     if as_json:
         console.print_json(json.dumps(asdict(result)))
@@ -338,7 +338,7 @@ def predict(
         loaded = inference.load(inference.require_adapter_dir(adapter), device)
         given = list(texts or []) + (inference.read_texts(file, loaded.config.data.text_column) if file else [])
         outputs = inference.predict(loaded, given)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
     for text, out in zip(given, outputs, strict=True):
         if as_json:

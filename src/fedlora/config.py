@@ -704,6 +704,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     tree: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"config file {path} does not exist (`fedlora run` with no file runs the default experiment)"
+            )
         with Path(path).open("rb") as fh:
             try:
                 tree = tomllib.load(fh)

@@ -218,8 +218,9 @@ def _load_hub(name: str, text_column: str, label_column: str) -> TextDataset:
     except OSError as error:  # ConnectionError, FileNotFoundError, DatasetNotFoundError
         raise DataError(
             f"data.dataset={name!r} is not a packaged dataset ({', '.join(_PACKAGED)}), not a local file and "
-            f"not a Hugging Face dataset in the local cache; fedlora has no hub access. Pass a local "
-            f"csv/json/jsonl/parquet file instead. ({error})"
+            f"not a Hugging Face dataset in the local cache, and runs are offline (HF_DATASETS_OFFLINE=1): pass a "
+            f'local csv/json/jsonl/parquet file, or on a machine with internet run `python -c "import datasets; '
+            f"datasets.load_dataset('{name}')\"` and copy its ~/.cache/huggingface here (or set HF_HOME to the copy)"
         ) from error
     assert isinstance(splits, datasets.DatasetDict)
     if "train" not in splits and len(splits) != 1:

@@ -81,6 +81,7 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
     ``clients``: tokenise only these clients' splits (a Flower node loads only its own partition, the Flower
     server none); the others keep their example count and empty data. None: every client.
     """
+    peft_io.check_model_available(cfg.model.name)  # before the data loads: a missing model is the common failure
     torch.manual_seed(cfg.seed)
     device = devices.resolve(cfg.model.device)
     task = tasks.get(cfg.model.task)

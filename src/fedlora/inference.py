@@ -73,6 +73,7 @@ def load(path: str | Path, device: str | None = None) -> Loaded:
     cfg = info.config
     if device is not None:
         cfg = cfgmod.with_overrides(cfg, [("model.device", device)])
+    peft_io.check_model_available(cfg.model.name)
     task = tasks.get(cfg.model.task)
     base = task.base_model(cfg, TaskData([], [], info.num_labels, info.task_info))
     model = peft_io.load_adapter_dir(base, directory)

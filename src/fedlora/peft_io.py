@@ -129,6 +129,27 @@ def resolve_model_name(name: str) -> str:
     return str(path)
 
 
+def check_model_available(name: str) -> None:
+    """Fail with what to do unless ``name`` is ``fedlora:minilm``, a local directory or a model in the local Hugging
+    Face cache: runs are offline (the command line sets ``HF_HUB_OFFLINE=1``), so nothing is downloaded."""
+    if name.startswith("fedlora:") or Path(name).exists():
+        resolve_model_name(name)
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        cached = None
+    if not isinstance(cached, str):
+        raise FileNotFoundError(
+            f"model.name = {name!r} is neither a local directory nor a model in the local Hugging Face cache, and "
+            "runs are offline (HF_HUB_OFFLINE=1): give a directory saved with save_pretrained, or on a machine with "
+            f"internet run `hf download {name}` and copy its ~/.cache/huggingface here (or set HF_HOME to the copy)"
+        )
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' loading chatter (the progress bar, the load report that lists the new classifier

@@ -48,10 +48,27 @@ def default_run_dir(cfg: cfgmod.ExperimentConfig) -> Path:
 
 
 def check_fresh_dir(run_dir: Path) -> None:
+    """A run may start in ``run_dir``: no run there yet, and writable (checked before anything loads)."""
+    check_writable(run_dir)
     if (run_dir / CHECKPOINT).exists() or (run_dir / METRICS).exists():
         raise FileExistsError(
             f"output.dir = {str(run_dir)!r} already holds a run; choose another output.dir or continue it with "
             f"`fedlora run --resume {run_dir}`"
+        )
+
+
+def check_writable(run_dir: Path) -> None:
+    """``run_dir`` exists as a writable directory, or can be created: its nearest existing ancestor is a writable
+    directory. Nothing is created."""
+    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"output.dir = {str(run_dir)!r}: {existing} is a file, not a directory; choose another output.dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"output.dir = {str(run_dir)!r}: {existing} is not writable by this user (or on a read-only file system); "
+            "choose another output.dir, e.g. output.dir=runs/NAME"
         )
 
 
