@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import causal_config, read_records, sums_jsonl, tiny_llama, tiny_tokenizer
-from fedlora import config, engines, generation, instructions, peft_io, sandbox
+from fedlora import config, engines, generation, instructions, methods, peft_io, sandbox
 from fedlora.data import DataError
 from fedlora.experiment import build
 from fedlora.instructions import Instructions
@@ -406,3 +406,60 @@ def test_compare_writes_an_nll_table_and_plots_for_causal_runs(tmp_path, tiny_ll
         assert f"{summaries[name]['final_global_loss']:.4f}" in row
     assert "global" in result.output and "NLL" in result.output  # the console's summary table
     assert (tmp_path / "cmp" / "loss.png").exists()
+
+
+def test_aggregate_merges_causal_lm_adapters_into_a_causal_lm(tmp_path, tiny_llama_dir):
+    """Two sites' CAUSAL_LM adapters (α ≠ r; v_proj is 32 → 16 under grouped-query attention) aggregated exactly by
+    FedEx-LoRA with weights 1:3 and merged: the saved AutoModelForCausalLM holds W0 + Σ w_u s B_u A_u, computed
+    here in float64 from the tensors PEFT saved."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    rank, alpha = 3, 7.0
+    sites = []
+    for seed in (0, 1):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])
+        site = get_peft_model(model, lora)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in site.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        site.save_pretrained(tmp_path / f"site{seed}")
+        sites.append(tmp_path / f"site{seed}")
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    args = ["aggregate", *map(str, sites), "--method", "fedex_lora", "--weights", "1,3", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--base-model", str(tiny_llama_dir), "--merged-out", str(merged)])
+    assert result.exit_code == 0, result.output
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    saved = [load_file(s / "adapter_model.safetensors") for s in sites]
+    for key in [k for k in saved[0] if k.endswith("lora_A.weight")]:
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        ideal = sum(
+            w * (alpha / rank) * t[key.replace("lora_A", "lora_B")].double() @ t[key].double()
+            for w, t in zip((0.25, 0.75), saved, strict=True)
+        )
+        delta = after[f"{module}.weight"].double() - base[f"{module}.weight"].double()
+        torch.testing.assert_close(delta, ideal, rtol=0, atol=1e-5)
+    untouched = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(after[untouched], base[untouched])
+
+
+@pytest.mark.parametrize(
+    ("method", "variant"),
+    [(m, "lora") for m in methods.available()] + [("fedit", "dora"), ("flora_na", "hira")],
+)
+def test_every_method_and_variant_trains_a_causal_lm(tmp_path, tiny_llama_dir, method, variant):
+    data = sums_jsonl(tmp_path / "sums.jsonl", n=120)
+    extra = [f"federation.method={method}", f"model.lora.variant={variant}", "federation.rounds=2"]
+    run_dir, summary = engines.run(causal_config(tiny_llama_dir, data, tmp_path / "run", *extra), tmp_path / "run")
+    records = read_records(run_dir)
+    assert [r["round"] for r in records] == [1, 2] and not records[-1]["failed_clients"]
+    assert all(math.isfinite(r["global_loss"]) and math.isfinite(r["local_loss"]) for r in records)
+    assert summary["total_bytes_up"] > 0 and (run_dir / "adapter" / "adapter_config.json").exists()
