@@ -85,7 +85,7 @@ def main() -> None:
     if args.config is not None and "=" in args.config and not args.config.endswith(".toml"):
         args.overrides, args.config = [args.config, *args.overrides], None  # overrides only
     torch.set_num_threads(1)
-    forced = ["data.num_clients=1", "data.partition=iid", "federation.workers=0"]
+    forced = ["data.num_clients=1", "federation.clients_per_round=1", "data.partition=iid", "federation.workers=0"]
     cfg = config.load_config(args.config, [*args.overrides, *forced])
     exp = build(cfg)
     print(f"global test set: {len(exp.test['input_ids'])} examples, baseline ({exp.task.baseline_name}) {exp.baseline}")

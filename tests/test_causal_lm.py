@@ -9,13 +9,14 @@ import dataclasses
 import json
 import math
 import time
+from typing import Any
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import causal_config, read_records, sums_jsonl, tiny_llama, tiny_tokenizer
-from fedlora import config, engines, generation, instructions, methods, peft_io, sandbox
+from conftest import causal_config, read_records, sums_jsonl, tiny_config, tiny_llama, tiny_tokenizer
+from fedlora import config, engines, generation, instructions, methods, peft_io, sandbox, tasks
 from fedlora.data import DataError
 from fedlora.experiment import build
 from fedlora.instructions import Instructions
@@ -463,3 +464,55 @@ def test_every_method_and_variant_trains_a_causal_lm(tmp_path, tiny_llama_dir, m
     assert [r["round"] for r in records] == [1, 2] and not records[-1]["failed_clients"]
     assert all(math.isfinite(r["global_loss"]) and math.isfinite(r["local_loss"]) for r in records)
     assert summary["total_bytes_up"] > 0 and (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+def test_keys_of_the_other_task_are_refused_not_ignored(tmp_path, tiny_llama_dir, rt_csv):
+    data = sums_jsonl(tmp_path / "sums.jsonl")
+    with pytest.raises(DataError, match="data.text_column = 'question'.*are for classification"):
+        TASK.load(causal_config(tiny_llama_dir, data, tmp_path / "c", "data.text_column=question"))
+    seq_cls = tasks.get("seq_cls")
+    with pytest.raises(DataError, match="data.eval_dataset = 'fedlora:humaneval' is for model.task = 'causal_lm'"):
+        seq_cls.load(tiny_config(rt_csv, tmp_path / "s", "data.eval_dataset=fedlora:humaneval"))
+    with pytest.raises(DataError, match="sequence classification partitions by the label"):
+        seq_cls.load(tiny_config(rt_csv, tmp_path / "s", "data.partition_by=cluster:3"))
+
+
+def _family(name: str, vocab: int) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if name == "llama":
+        return tiny_llama(vocab, initializer_range=0.2, tied=False)
+    if name == "qwen2":
+        cfg = Qwen2Config(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, initializer_range=0.2,
+        )  # fmt: skip
+        return Qwen2ForCausalLM(cfg).eval()
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=vocab, initializer_range=0.2)).eval()
+
+
+@pytest.mark.parametrize(
+    ("family", "targets"), [("llama", ["q_proj", "v_proj"]), ("qwen2", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"])]
+)
+def test_each_family_gets_its_default_targets_and_the_response_only_loss(family, targets):
+    """Llama, Qwen2 and GPT-2 (Conv1D) wrapped by PEFT with random B: the response-only loss (the body, then the
+    output layer at response positions) equals Hugging Face's full-logit loss, and its gradient too."""
+    tok = tiny_tokenizer()
+    base = _family(family, len(tok))
+    assert peft_io.default_target_modules(base) == targets
+    causal_lm.check_output_layer(base)
+    model = peft_io.make_peft_model(
+        base, r=4, alpha=8.0, dropout=0.0, rslora=False, target_modules=targets, task="causal_lm"
+    )
+    with torch.no_grad():
+        for _, B in peft_io.lora_parameters(model).values():
+            B.copy_(torch.randn(B.shape) * 0.1)
+    data = causal_lm.encode(examples(["What is 2+3?", "7*8="], ["5", "56"]), tok, 64, "auto")
+    batch = {k: data[k] for k in ("input_ids", "attention_mask", "labels")}
+    ours = TASK.loss(model, batch)
+    (grad_ours,) = torch.autograd.grad(ours, [next(iter(peft_io.lora_parameters(model).values()))[1]])
+    reference = model(**batch).loss
+    (grad_ref,) = torch.autograd.grad(reference, [next(iter(peft_io.lora_parameters(model).values()))[1]])
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-7)

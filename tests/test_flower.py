@@ -437,8 +437,8 @@ def test_causal_lm_on_the_simulation_matches_the_in_process_engine(tiny_llama_di
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_causal_lm_on_the_deployment_engine_with_two_methods(tiny_llama_dir, tmp_path, started):
-    """A SuperLink and two SuperNodes on loopback per run; FedIT and FLoRA-NA each lower the NLL, and every
-    process is stopped."""
+    """A SuperLink and two SuperNodes on loopback per run, two rounds; FedIT and FLoRA-NA each lower the NLL, and
+    every process is stopped."""
     data = sums_jsonl(tmp_path / "sums.jsonl")
     for method in ("fedit", "flora_na"):
         cfg = causal(
@@ -447,10 +447,11 @@ def test_causal_lm_on_the_deployment_engine_with_two_methods(tiny_llama_dir, tmp
             tmp_path / method,
             f"federation.method={method}",
             "federation.engine=flower-deployment",
+            "federation.rounds=2",
         )
         run_dir, summary = engines.run(cfg, tmp_path / method)
         records = read_records(run_dir)
-        assert [r["clients"] for r in records] == [[0, 1]] * 3
+        assert [r["clients"] for r in records] == [[0, 1]] * 2
         assert records[-1]["global_loss"] < records[0]["global_loss"] - 0.3
         assert summary["final_global_exact_match"] == records[-1]["global_exact_match"] is not None
     assert len(started) == 2 * 4  # superlink, 2 supernodes, flwr run; per run

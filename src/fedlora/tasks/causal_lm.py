@@ -67,6 +67,12 @@ class CausalLM:
 
     def load(self, cfg: Any) -> TaskData:
         d = cfg.data
+        if (d.text_column, d.label_column) != ("text", "label"):
+            raise DataError(
+                f"data.text_column = {d.text_column!r}, data.label_column = {d.label_column!r} are for "
+                "classification; a causal LM reads data.prompt_column and data.response_column (or a format's own "
+                "columns, docs/causal-lm.md)"
+            )
         ds = _grouped(_load(cfg, d.dataset, "data.dataset"), d.partition_by, cfg.seed)
         if d.partition != "iid" and len(ds.label_names) < 2:
             raise DataError(

@@ -42,6 +42,9 @@ class SequenceClassification:
                 f"data.partition_by = {d.partition_by!r}: sequence classification partitions by the label; "
                 "leave data.partition_by unset (other columns and cluster:K are for model.task = 'causal_lm')"
             )
+        for key, value in (("data.eval_dataset", d.eval_dataset), ("data.system_prompt", d.system_prompt)):
+            if value is not None:
+                raise datamod.DataError(f"{key} = {value!r} is for model.task = 'causal_lm'; leave it unset")
         ds = datamod.load_dataset(d.dataset, d.text_column, d.label_column)
         fed = datamod.federate_as_configured(ds, cfg)
         return TaskData(fed.test, list(fed.clients), len(fed.label_names), {"label_names": list(fed.label_names)})
