@@ -36,6 +36,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,9 +46,10 @@ from torch import Tensor
 from fedlora import methods
 from fedlora.coefficients import solve_adam
 from fedlora.methods.base import Aggregated, measure, target_weights
-from fedlora.types import Adapter, AggregationReport, LowRank
+from fedlora.methods.fedsvd import fedsvd_step
+from fedlora.types import Adapter, AggregationReport, LowRank, ModuleError
 
-METHODS = ("fedit", "flora_na", "flora", "fedex_lora", "flexlora", "hetlora")
+METHODS = ("fedit", "flora_na", "flora", "fedex_lora", "flexlora", "hetlora", "fedrot_lora", "fedsvd")
 REGIMES = ("lora", "gauge")
 MODULE = "layer"
 CORE_RATIO = 0.8  # where fedlora.linalg switches from the QR core to a dense SVD; used here for the e_EY reference
@@ -218,8 +220,10 @@ def make_clients(cfg: Config, seed: int) -> tuple[list[LowRank], Tensor]:
     weights = example_weights(cfg.U, gen)
     if cfg.regime == "gauge":
         clients = gauge_clients(clients, gen)
+    elif cfg.regime == "rotated":
+        clients = rotated_clients(clients, gen)
     elif cfg.regime != "lora":
-        raise ValueError(f"unknown regime {cfg.regime!r}: expected one of {', '.join(REGIMES)}")
+        raise ValueError(f"unknown regime {cfg.regime!r}: expected one of {', '.join(REGIMES)}, rotated")
     return clients, weights
 
 
@@ -426,23 +430,11 @@ def adam_to_target(
     return AdamResult(True, i + 1, seconds, form_t.seconds, step_s, best, None if j is None else j + 1)
 
 
-def measure_method(
-    name: str,
-    cfg: Config,
-    adapters: list[Adapter],
-    clients: list[LowRank],
-    w: Tensor,
-    ref: Reference,
-    floor_s: float,
-    opts: Options,
+def timed_row(
+    name: str, cfg: Config, rule_t: Timing, meas_t: Timing, err: ModuleError, floor_s: float, busy: float
 ) -> Row:
-    busy = wait_quiet(opts.quiet_wait) if opts.quiet_wait > 0 else math.nan
-    rule_t, out, method = run_rule(name, adapters, w, opts)
-    t = target_weights(w, method.params)
-    meas_t, report = run_measure(adapters, t, w, out, opts)
-    err = report.modules[MODULE]
-    Bs, As = [c.B for c in clients], [c.A for c in clients]
-    row = Row(
+    """A result row from the timings of the rule and of ``measure`` and the module's errors."""
+    return Row(
         regime=cfg.regime,
         d=cfg.d,
         k=cfg.k,
@@ -465,6 +457,25 @@ def measure_method(
         floor_s=floor_s,
         busy_others=busy,
     )
+
+
+def measure_method(
+    name: str,
+    cfg: Config,
+    adapters: list[Adapter],
+    clients: list[LowRank],
+    w: Tensor,
+    ref: Reference,
+    floor_s: float,
+    opts: Options,
+) -> Row:
+    busy = wait_quiet(opts.quiet_wait) if opts.quiet_wait > 0 else math.nan
+    rule_t, out, method = run_rule(name, adapters, w, opts)
+    t = target_weights(w, method.params)
+    meas_t, report = run_measure(adapters, t, w, out, opts)
+    err = report.modules[MODULE]
+    Bs, As = [c.B for c in clients], [c.A for c in clients]
+    row = timed_row(name, cfg, rule_t, meas_t, err, floor_s, busy)
     err_t, dense = timed(lambda: dense_errors(Bs, As, w, out), opts.repeats, opts.budget)
     row.dense_error_s, row.dense_divergence = err_t.seconds, dense[0]
     if name in DENSE_RULES and (name != "flexlora" or opts.run_dense_svd(cfg)):
@@ -502,6 +513,99 @@ def flexlora_excess(
     }
 
 
+# ---- FedRot-LoRA and FedSVD: server steps that also need the pair the clients started from ----------------------
+# A self-contained block: the two rules take the previous global pair (FedRot-LoRA's alignment reference, FedSVD's
+# frozen A), so they are measured here with their own inputs and dense routes; run_config and warm_up dispatch to
+# measure_new_wave for them. The stand-in for the previous global pair is FedIT's mean of the configuration's
+# underlying (lora-regime) clients; FedRot-LoRA runs its round-2 step (align A), FedSVD its re-factorisation.
+NEW_WAVE = ("fedrot_lora", "fedsvd")
+
+
+def rotated_clients(clients: Sequence[LowRank], gen: torch.Generator) -> list[LowRank]:
+    """B_u → B_u Q_u, A_u → Q_uᵀ A_u with a random orthogonal Q_u per client: every B_u A_u (hence M) unchanged,
+    the factors written in unrelated bases (what FedRot-LoRA's alignment undoes; the ``rotated`` regime)."""
+    out = []
+    for lr in clients:
+        Q, _ = torch.linalg.qr(torch.randn(lr.rank, lr.rank, generator=gen))
+        out.append(LowRank((lr.B @ Q).contiguous(), (Q.T @ lr.A).contiguous()))
+    return out
+
+
+def previous_global(cfg: Config, seed: int) -> LowRank:
+    """FedIT's mean of the configuration's lora-regime clients: the pair the round's clients started from."""
+    clients, w = make_clients(Config(cfg.d, cfg.r, cfg.U, "lora"), seed)
+    B, A = mean_factors([c.B for c in clients], [c.A for c in clients], w)
+    return LowRank(B, A)
+
+
+def dense_fedrot(Bs: Sequence[Tensor], As: Sequence[Tensor], w: Tensor, ref: LowRank) -> tuple[Tensor, Tensor]:
+    """The straightforward server: per client the r×r Procrustes rotation of A (fp32), the rotated means, and the
+    guard by forming M and both candidate products (d×k, fp32)."""
+    rotated = []
+    for B, A in zip(Bs, As, strict=True):
+        U, _, Vh = torch.linalg.svd(A @ ref.A.T)
+        R = U @ Vh
+        rotated.append((B @ R, R.T @ A))
+    Bh, Ah = mean_factors([b for b, _ in rotated], [a for _, a in rotated], w)
+    Bbar, Abar = mean_factors(Bs, As, w)
+    M = form_m(Bs, As, w)
+    keep = torch.linalg.matrix_norm(Bh @ Ah - M) <= torch.linalg.matrix_norm(Bbar @ Abar - M)
+    return (Bh, Ah) if keep else (Bbar, Abar)
+
+
+def dense_fedsvd(Bs: Sequence[Tensor], A: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """The official code's route: the d×k product B̄A formed (fp32) and a full SVD, truncated to r."""
+    Bbar = sum(float(wu) * B for wu, B in zip(w, Bs, strict=True))
+    U, S, Vh = torch.linalg.svd(Bbar @ A, full_matrices=False)
+    r = A.shape[0]
+    return U[:, :r] * S[:r], Vh[:r]
+
+
+def new_wave_case(name: str, clients: Sequence[LowRank], w: Tensor, ref: LowRank) -> tuple[list[Adapter], Any, Any]:
+    """(the clients' adapters as the method sees them, its server step, its dense route) for one method."""
+    if name == "fedrot_lora":
+        method = methods.build(name)
+        adapters: list[Adapter] = [{MODULE: c} for c in clients]
+        rule = partial(method.rule, adapters, w, method.params, reference={MODULE: ref}, rnd=2)
+        Bs, As = [c.B for c in clients], [c.A for c in clients]
+        return adapters, rule, partial(dense_fedrot, Bs, As, w, ref)
+    adapters = [{MODULE: LowRank(c.B, ref.A)} for c in clients]  # FedSVD: every client trained B with the same A
+    step = partial(fedsvd_step, [{MODULE: c.B} for c in clients], w, {MODULE: ref.A}, True)
+    return adapters, lambda: Aggregated(step()), partial(dense_fedsvd, [c.B for c in clients], ref.A, w)
+
+
+def measure_new_wave(
+    name: str, cfg: Config, clients: list[LowRank], w: Tensor, floor_s: float, opts: Options, seed: int
+) -> Row:
+    busy = wait_quiet(opts.quiet_wait) if opts.quiet_wait > 0 else math.nan
+    ref = previous_global(cfg, seed)
+    adapters, rule, dense = new_wave_case(name, clients, w, ref)
+    rule_t, out = timed(rule, opts.repeats, opts.budget)
+    meas_t, report = run_measure(adapters, w, w, out, opts)
+    err = report.modules[MODULE]
+    row = timed_row(name, cfg, rule_t, meas_t, err, floor_s, busy)
+    Bs, As = [a[MODULE].B for a in adapters], [a[MODULE].A for a in adapters]
+    err_t, dense_err = timed(lambda: dense_errors(Bs, As, w, out), opts.repeats, opts.budget)
+    row.dense_error_s, row.dense_divergence = err_t.seconds, dense_err[0]
+    if name == "fedrot_lora" or opts.run_dense_svd(cfg):  # FedSVD's dense route is a d×k SVD: capped like FlexLoRA's
+        row.dense_rule_s = timed(dense, opts.repeats, opts.budget)[0].seconds
+    if name == "fedrot_lora":
+        row.extra["aligned"] = bool(out.diagnostics["aligned"][MODULE])
+    else:
+        A = out.adapter[MODULE].A.double()  # type: ignore[index]
+        row.extra["orthonormality"] = float(torch.linalg.matrix_norm(A @ A.T - torch.eye(cfg.r, dtype=F64)))
+    row.load_end = load1()
+    return row
+
+
+def measure_row(
+    name: str, cfg: Config, clients: list[LowRank], w: Tensor, ref: Reference, floor_s: float, opts: Options, seed: int
+) -> Row:
+    if name in NEW_WAVE:
+        return measure_new_wave(name, cfg, clients, w, floor_s, opts, seed)
+    return measure_method(name, cfg, [{MODULE: c} for c in clients], clients, w, ref, floor_s, opts)
+
+
 # ---- configuration loop ----------------------------------------------------------------------------------------
 def dense_svd_times(cfg: Config, clients: list[LowRank], w: Tensor, opts: Options) -> float | None:
     """fp32 singular values of a formed M (forming included): the dense cost of the Eckart–Young bound."""
@@ -513,13 +617,12 @@ def dense_svd_times(cfg: Config, clients: list[LowRank], w: Tensor, opts: Option
 
 def run_config(cfg: Config, seed: int, bandwidth: float, methods_: Sequence[str], opts: Options) -> list[Row]:
     clients, w = make_clients(cfg, seed)
-    adapters: list[Adapter] = [{MODULE: c} for c in clients]
     floor_s = cfg.n * (cfg.d + cfg.k) * 4 / (bandwidth * 1e9)
     ref = Reference([c.B for c in clients], [c.A for c in clients], w)
     svdvals_s = dense_svd_times(cfg, clients, w, opts)
     rows = []
     for name in methods_:
-        row = measure_method(name, cfg, adapters, clients, w, ref, floor_s, opts)
+        row = measure_row(name, cfg, clients, w, ref, floor_s, opts, seed)
         row.dense_svdvals_s = svdvals_s
         rows.append(row)
     return rows
@@ -717,7 +820,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d", type=int_list, default=[768, 4096], help="d = k values (default 768,4096)")
     p.add_argument("--r", type=int_list, default=[8, 16, 64], help="ranks (default 8,16,64)")
     p.add_argument("--U", type=int_list, default=[4, 10, 100], help="client counts (default 4,10,100)")
-    p.add_argument("--regimes", type=str_list, default=list(REGIMES), help="lora,gauge")
+    p.add_argument("--regimes", type=str_list, default=list(REGIMES), help="lora,gauge (also: rotated)")
     p.add_argument("--methods", type=str_list, default=list(METHODS), help=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median), default 3")
@@ -789,7 +892,7 @@ def warm_up(methods_: Sequence[str]) -> None:
     clients, w = make_clients(Config(64, 4, 3, "gauge"), 0)
     ref = Reference([c.B for c in clients], [c.A for c in clients], w)
     for name in methods_:
-        measure_method(name, Config(64, 4, 3, "gauge"), [{MODULE: c} for c in clients], clients, w, ref, 1.0, opts)
+        measure_row(name, Config(64, 4, 3, "gauge"), clients, w, ref, 1.0, opts, 0)
 
 
 def append_jsonl(path: Path | None, records: Iterable[dict[str, Any]]) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import read_records, tiny_config
-from fedlora import client, config, engines, evaluation, server
+from fedlora import client, config, engines, evaluation, rundir, server
 from fedlora.cli import app
 from fedlora.engines import inprocess
 from fedlora.experiment import build
@@ -169,6 +169,9 @@ def test_compare_and_plot(rt_csv, tmp_path):
         + ["data.num_clients=2", "federation.rounds=1", "train.local_steps=1", "data.max_length=32"],
     )
     assert res.exit_code == 0, res.output
+    summary = json.loads((out / "fedit" / "summary.json").read_text())
+    assert f"scores {summary['majority_share']:.4f}" in res.output  # the baseline beside the accuracies
+    assert f"fedlora plot {out / 'fedit'} {out / 'flora_na'}" in res.output  # what to do next
     table = (out / "comparison.md").read_text()
     assert "| fedit |" in table and "| flora_na |" in table
     for png in ("accuracy.png", "divergence.png", "divergence_heatmap.png", "accuracy_vs_bytes.png"):
@@ -348,3 +351,45 @@ def test_a_run_logs_every_round_and_the_summary_to_tensorboard(rt_csv, tmp_path)
     assert accuracy == [(r["round"], pytest.approx(r["global_accuracy"])) for r in records]
     (final,) = events.Scalars("summary/final_global_accuracy")
     assert final.value == pytest.approx(summary["final_global_accuracy"])
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, monkeypatch, saved):
+    """An interrupt during the run: exit code 130 and the exact --resume command when a round was checkpointed,
+    and a plain statement when nothing was saved yet."""
+    import fedlora.engines
+
+    run_dir = tmp_path / "run"
+
+    def interrupted(cfg, directory, resume, progress):
+        directory.mkdir(parents=True)
+        if saved:
+            (directory / rundir.CHECKPOINT).write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedlora.engines, "run", interrupted)
+    res = cli.invoke(app, ["run", f"output.dir={run_dir}"])
+    assert res.exit_code == 130
+    if saved:
+        assert f"fedlora run --resume {run_dir}" in res.output
+    else:
+        assert "nothing to resume" in res.output and "--resume" not in res.output
+
+
+def test_version_is_the_package_version():
+    from importlib.metadata import version
+
+    res = cli.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"fedlora {version('fedlora')}"
+
+
+def test_a_round_without_the_largest_rank_client_still_evaluates_at_the_broadcast_rank(rt_csv, tmp_path):
+    """Zero-padded heterogeneous ranks (FedIT, ranks 2 and 4, one client a round): round 2 samples only the rank-2
+    client, so the global adapter comes out at rank 2; it is padded to the broadcast rank 4 to be evaluated, and
+    the saved adapter applies the same update."""
+    cfg = tiny(rt_csv, tmp_path / "run", "federation.method=fedit", "data.num_clients=2", "model.lora.ranks=[2, 4]")
+    cfg = config.with_overrides(cfg, ["federation.clients_per_round=1", "federation.rounds=2"])
+    run_dir, _ = engines.run(cfg, tmp_path / "run")
+    records = read_records(run_dir)
+    assert [r["clients"] for r in records] == [[1], [0]]
+    assert all(r["global_accuracy"] is not None for r in records)

@@ -1,10 +1,32 @@
-"""fedlora: federated fine-tuning of foundation models with LoRA."""
+"""fedlora: federated fine-tuning of foundation models with LoRA.
+
+The Python API (``fedlora.api``), loaded on first use so that ``import fedlora`` stays light:
+
+- ``fedlora.load_config(config=None, **overrides) -> ExperimentConfig``
+- ``fedlora.run(config=None, *, resume=None, **overrides) -> RunResult``
+- ``fedlora.compare(config, methods, *, out=None, resume=False, **overrides) -> {method: RunResult}``
+- ``fedlora.aggregate(adapter_dirs, method, out, ...) -> AggregateResult``
+
+``fedlora.RunResult`` holds a finished run's directory, config, summary and per-round records.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("fedlora")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["RunResult", "__version__", "aggregate", "compare", "load_config", "run"]
+
+_API = {"RunResult", "aggregate", "compare", "load_config", "run"}
+
+
+def __getattr__(name: str) -> Any:
+    """The API's names, imported from ``fedlora.api`` when first used."""
+    if name in _API:
+        from fedlora import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fedlora' has no attribute {name!r}")

@@ -15,7 +15,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 app = typer.Typer(
@@ -24,6 +31,23 @@ app = typer.Typer(
 console = Console()
 # run and compare take [CONFIG.toml] [key=value ...] as extra arguments (parsed by _split_config_args)
 _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _version(show: bool) -> None:
+    if show:
+        from fedlora import __version__
+
+        console.print(f"fedlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Federated fine-tuning with LoRA."""
 
 
 def _fail(message: str) -> None:
@@ -101,7 +125,14 @@ def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[s
     console.print(("resuming " if resume else "") + _describe(cfg))
     if warning := config.emulated_bf16_warning(cfg.model.precision):
         console.print(f"[bold yellow]warning:[/] {warning}")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         return engines.run(cfg, run_dir, resume, RichProgress(progress, cfg.federation.rounds))
 
@@ -145,6 +176,42 @@ def _cell(value: Any, fmt: str) -> str:
     return f"{value / 1e6:.2f}" if fmt == "mb" else format(value, fmt)
 
 
+LEGEND = """\
+global acc: the global model on the held-out test set (last round); best global: its best evaluated round.
+local acc: each client's own adapter on its own test split, averaged; gap: local minus the global model on the
+same splits. mean div: ‖M − ΔW‖_F / ‖M‖_F, the aggregate's error against the ideal update M = Σ w_u B_u A_u,
+averaged over rounds (0 for exact methods). MB: payload bytes over the run."""
+
+CAUSAL_LEGEND = """\
+global NLL: the global model's mean NLL per response token on the held-out test set (last round); best NLL: its
+lowest round. local NLL: each client's own adapter on its own test split, averaged; gap: the global model minus
+the clients' own adapters on the same splits (in NLL). exact match / pass@1: greedy generation judged, last round.
+mean div: ‖M − ΔW‖_F / ‖M‖_F against the ideal update M = Σ w_u B_u A_u, averaged over rounds. MB: payload bytes."""
+
+
+def _report(summaries: dict[str, dict[str, Any]], run_dirs: list[Path]) -> None:
+    """The summary table, the baselines, a legend, and what to do next."""
+    console.print(_summary_table(summaries))
+    first = next(iter(summaries.values()))
+    if first.get("majority_share") is not None:
+        console.print(
+            f"baselines: always predicting the test set's most frequent label scores {first['majority_share']:.4f}; "
+            f"on the clients' own splits {first['local_majority_share']:.4f} (mean)",
+            markup=False,
+        )
+    causal = all("final_global_accuracy" not in s for s in summaries.values())
+    console.print(CAUSAL_LEGEND if causal else LEGEND, markup=False, style="dim")
+    dirs = " ".join(str(d) for d in run_dirs)
+    console.print(
+        "next:\n"
+        f"  fedlora plot {dirs}                     # accuracy, divergence, bytes\n"
+        f"  fedlora compare --methods fedit,flora_na,flexlora ...   # the same clients under other methods\n"
+        f"  the trained global adapter: {run_dirs[0] / 'adapter'} (PeftModel.from_pretrained loads it)",
+        markup=False,
+        soft_wrap=True,  # commands stay on one line, to be copied
+    )
+
+
 @app.command(context_settings=_EXTRA_ARGS, options_metavar="[OPTIONS] [CONFIG.toml] [KEY=VALUE]...")
 def run(
     ctx: typer.Context,
@@ -154,19 +221,31 @@ def run(
     from fedlora import config, rundir
 
     path, overrides = _split_config_args(list(ctx.args))
+    if resume is not None and (path is not None or overrides):
+        _fail("--resume takes no config or overrides: the run's saved config.toml is used")
     try:
-        if resume is not None:
-            if path is not None or overrides:
-                _fail("--resume takes no config or overrides: the run's saved config.toml is used")
-            cfg = config.load_config(resume / "config.toml")
-            run_dir, summary = _execute(cfg, resume, True)
-        else:
-            cfg = config.load_config(path, overrides)
-            run_dir, summary = _execute(cfg, rundir.default_run_dir(cfg), False)
+        cfg = config.load_config(resume / "config.toml") if resume is not None else config.load_config(path, overrides)
+        run_dir = resume if resume is not None else rundir.default_run_dir(cfg)
+        run_dir, summary = _execute(cfg, run_dir, resume is not None)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
-    console.print(_summary_table({cfg.federation.method: summary}))
-    console.print(f"run directory: {run_dir}")
+    except KeyboardInterrupt:
+        _interrupted(f"fedlora run --resume {run_dir}", run_dir / rundir.CHECKPOINT)
+    _report({cfg.federation.method: summary}, [run_dir])
+    console.print(f"run directory: {run_dir}", markup=False, soft_wrap=True)
+
+
+def _interrupted(command: str, saved: Path | None) -> None:
+    """Ctrl-C: a round's checkpoint is written atomically, so the last finished round is on disk; say how to
+    continue (exit code 130, as a shell reports an interrupt). ``saved``: what exists once something can be
+    resumed."""
+    if saved is not None and saved.exists():
+        console.print(
+            f"\ninterrupted; every finished round is kept. Continue with:\n  {command}", markup=False, soft_wrap=True
+        )
+    else:
+        console.print("\ninterrupted before the first round finished; nothing to resume.", markup=False)
+    raise typer.Exit(130)
 
 
 @app.command(context_settings=_EXTRA_ARGS, options_metavar="[OPTIONS] [CONFIG.toml] [KEY=VALUE]...")
@@ -185,39 +264,22 @@ def compare(
     one this command resolves), the others start."""
     from datetime import datetime
 
-    from fedlora import config, methods, plots
+    from fedlora import api, config, plots
 
     path, overrides = _split_config_args(list(ctx.args))
     names = [m.strip() for m in methods_.split(",") if m.strip()]
     try:
-        for name in names:
-            methods.capabilities(name)
         base = config.load_config(path, overrides)
         out = out or Path(base.output.dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare")
-        cfgs = {n: config.with_overrides(base, [f"federation.method={n}", f"output.dir={out / n}"]) for n in names}
-        summaries = {n: _compare_one(c, out / n, resume) for n, c in cfgs.items()}
+        results = api.compare(base, names, out=out, resume=resume, execute=_execute)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
-    (out / "comparison.md").write_text(plots.markdown_table(summaries))
-    (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
-    plots.plot_runs([out / n for n in names], out)
-    console.print(_summary_table(summaries))
-    console.print(f"comparison: {out / 'comparison.md'}")
-
-
-def _compare_one(cfg: Any, run_dir: Path, resume: bool) -> dict[str, Any]:
-    from fedlora import config, rundir
-
-    if not resume or not (run_dir / rundir.CHECKPOINT).exists():
-        return _execute(cfg, run_dir, False)[1]
-    saved = (run_dir / "config.toml").read_text()
-    if saved != config.dump_toml(cfg):
-        raise ValueError(f"--resume: {run_dir}/config.toml differs from this comparison's config; use another --out")
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        console.print(f"{cfg.federation.method}: finished earlier, kept ({summary})")
-        return dict(json.loads(summary.read_text()))
-    return _execute(cfg, run_dir, True)[1]
+    except KeyboardInterrupt:
+        again = " ".join(["fedlora compare", *ctx.args, "--methods", methods_, "--out", str(out), "--resume"])
+        _interrupted(again, out)  # out is None only before the config loaded: nothing to resume
+    plots.plot_runs([r.run_dir for r in results.values()], out)
+    _report({n: dict(r.summary) for n, r in results.items()}, [r.run_dir for r in results.values()])
+    console.print(f"comparison: {out / 'comparison.md'}", markup=False, soft_wrap=True)
 
 
 @app.command()

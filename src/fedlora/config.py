@@ -51,6 +51,7 @@ __all__ = [
     "dump_toml",
     "from_flat",
     "load_config",
+    "override",
     "parse_value",
     "to_dict",
     "to_flat",
@@ -617,6 +618,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"{path}: invalid TOML: {e}") from None
     return _build(_layer(tree, overrides))
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` as an override string, the value written as a TOML literal (what :func:`parse_value` reads
+    back), e.g. ``override("model.name", "gpt2")`` -> ``'model.name="gpt2"'``."""
+    return f"{key}={_toml_value(value)}"
 
 
 def with_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:

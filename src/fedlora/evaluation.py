@@ -64,9 +64,15 @@ def global_model(exp: Experiment, state: RunState) -> tuple[GlobalModel, Mapping
 
 
 def load_global(exp: Experiment, model: GlobalModel) -> None:
-    """Put a global model into the shared model: base edits, adapter at the broadcast rank, head."""
+    """Put a global model into the shared model: base edits, adapter at the broadcast rank, head.
+
+    A global adapter below the broadcast rank (zero-padding methods with heterogeneous ranks, in a round that none
+    of the largest-rank clients answered) is zero-padded to it, which changes no ΔW."""
+    adapter = model.adapter
+    if adapter is not None:
+        adapter = {m: lr.pad(exp.info.rank) if lr.rank < exp.info.rank else lr for m, lr in adapter.items()}
     peft_io.apply_base_edits(exp.model, model.base_edits)
-    peft_io.write_adapter(exp.model, model.adapter, model.extras, rank=exp.info.rank, seed=exp.cfg.seed)
+    peft_io.write_adapter(exp.model, adapter, model.extras, rank=exp.info.rank, seed=exp.cfg.seed)
 
 
 def sums(exp: Experiment, data: Encoded, full: bool = True) -> Sums:

@@ -48,6 +48,8 @@ _MODULES = {
     "mfedloru": "fedloru",
     "fslora": "fslora",
     "flasc": "flasc",
+    "fedrot_lora": "fedrot_lora",
+    "fedsvd": "fedsvd",
 }
 
 
