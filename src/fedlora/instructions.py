@@ -119,9 +119,6 @@ class Instructions:
         index = {name: i for i, name in enumerate(names)}
         return replace(self, labels=[index[v] for v in values], label_names=names, report=list(values))
 
-    def reported_by(self, values: Sequence[str]) -> Instructions:
-        return replace(self, report=list(values))
-
     def label_counts(self) -> list[int]:
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.label_names)).tolist()
 
