@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -516,3 +517,25 @@ def test_each_family_gets_its_default_targets_and_the_response_only_loss(family,
     (grad_ref,) = torch.autograd.grad(reference, [next(iter(peft_io.lora_parameters(model).values()))[1]])
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-7)
+
+
+def _build_slowly(target: str, log: str) -> str:
+    from fedlora.cache import build_once
+
+    def build(tmp: Path) -> None:
+        with open(log, "a") as fh:
+            fh.write("built\n")
+        time.sleep(1.0)
+        tmp.write_text("complete")
+
+    return build_once(Path(target), build).read_text()
+
+
+def test_the_cache_builds_an_entry_once_while_parallel_processes_wait(tmp_path):
+    import multiprocessing as mp
+
+    target, log = tmp_path / "entry", tmp_path / "log"
+    with mp.get_context("fork").Pool(3) as pool:
+        results = pool.starmap(_build_slowly, [(str(target), str(log))] * 3)
+    assert results == ["complete"] * 3 and log.read_text() == "built\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "entry.lock", "log"]  # no temporary left
