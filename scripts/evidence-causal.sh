@@ -3,7 +3,9 @@
 # v_proj, float32, on fedlora:arithmetic (configs/evidence-v2/causal/). One `fedlora compare` per cell runs its
 # methods on the same clients, sampling and seed. Groups, in order of priority:
 #   1. calibration: the centralised reference (one client holding all the training data, 50 AdamW steps, the NLL
-#      every 10 steps from step 0, exact match at the end) and FedIT on the math cell, Dirichlet alpha 0.3, seed 0;
+#      every 10 steps from step 0, exact match at the end), FedIT on the math cell, Dirichlet alpha 0.3, seed 0, and
+#      local-only training (one sampled client alone for the same 50 steps: one round, one client, whose global
+#      model is its own adapter);
 #   2. the seven core methods on the math cell, alpha 0.3 and 1.0, seed 0;
 #   3. the GSM8K transfer check (FedIT, FLoRA-NA, FlexLoRA trained on arithmetic, judged on 100 GSM8K test
 #      problems), needs GSM8K=/path/to/gsm8k/test.jsonl;
@@ -42,6 +44,8 @@ if wanted 1; then
   once "$out/centralised-alpha0.3-seed0.log" .venv/bin/python scripts/centralised_reference.py \
     "$conf/arithmetic.toml" seed=0 data.alpha=0.3 "${extra[@]}" --steps 50 --every 10 --schedules continuous
   compare arithmetic fedit arithmetic-alpha0.3-seed0 seed=0 data.alpha=0.3
+  compare arithmetic fedit arithmetic-local-only-alpha0.3-seed0 seed=0 data.alpha=0.3 \
+    federation.rounds=1 federation.clients_per_round=1 train.local_steps=50
 fi
 if wanted 2; then
   for alpha in 0.3 1.0; do compare arithmetic "$core" "arithmetic-alpha$alpha-seed0" seed=0 "data.alpha=$alpha"; done
