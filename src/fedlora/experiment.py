@@ -21,9 +21,10 @@ from fedlora.methods.base import ClientInfo, Method, ModelInfo
 from fedlora.tasks import Encoded, Examples, Task
 from fedlora.training import TrainSettings
 
-SAMPLING, CLIENT, EVAL_SAMPLE, FAULTS, PRIVACY = 0, 1, 2, 3, 4
+SAMPLING, CLIENT, EVAL_SAMPLE, FAULTS, PRIVACY, GLOBAL_SAMPLE = 0, 1, 2, 3, 4, 5
 """Independent random streams: client sampling per round, a client's training per (round, client), the
-per-client evaluation subsample, simulated faults per (round, client) and the central-DP noise per round."""
+per-client evaluation subsample, simulated faults per (round, client), the central-DP noise per round and the
+global test set's subsample."""
 
 
 def derive_seed(seed: int, stream: int, *keys: int) -> int:
@@ -58,6 +59,7 @@ class Experiment:
     test: Encoded
     ranks: list[int]
     baseline: float | None
+    tokenizer: Any = None
 
     def client_info(self, c: int) -> ClientInfo:
         return ClientInfo(c, self.ranks[c])
@@ -94,8 +96,11 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
         test = eval_subsample(test, cfg.eval.max_examples, derive_seed(cfg.seed, EVAL_SAMPLE, c))
         tensors = (encode(train), by_length(encode(test))) if c in keep else ({}, {})
         parts.append(ClientData(*tensors, len(train), task.baseline(test)))
-    test = by_length(encode(data.test))
-    return Experiment(cfg, task, task.metrics(cfg), method, model, info, parts, test, ranks, task.baseline(data.test))
+    global_test = eval_subsample(data.test, cfg.eval.max_global_examples, derive_seed(cfg.seed, GLOBAL_SAMPLE))
+    metrics = task.metrics(cfg, data)
+    baseline = task.baseline(global_test)
+    test = by_length(encode(global_test))
+    return Experiment(cfg, task, metrics, method, model, info, parts, test, ranks, baseline, tokenizer)
 
 
 def _peft_model(cfg: cfgmod.ExperimentConfig, base: torch.nn.Module, task: Task, rank: int) -> Any:
