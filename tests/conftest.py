@@ -156,3 +156,109 @@ def assert_counted(accuracy: float, n: int = RT_TEST_EXAMPLES) -> None:
     another number of examples, or an average of unequal batches' accuracies generally is not."""
     k = round(accuracy * n)
     assert 0 <= k <= n and abs(accuracy - k / n) <= 1e-9, f"accuracy {accuracy!r} is not a count out of {n}"
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""The ChatML template (as SmolLM2's, without its default system turn)."""
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML) -> Any:
+    """A byte-level tokenizer with no merges (vocabulary: the 256 byte symbols and three special tokens,
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``), eos ``<|im_end|>``, and ``chat_template``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=chat_template,
+    )
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.02, tied: bool = True) -> Any:
+    """A seeded 2-layer Llama LM (hidden 32, grouped-query attention, tied embeddings unless ``tied`` is False), in
+    eval mode. With the default small initialisation it mostly repeats its input; a larger ``initializer_range``
+    and untied embeddings give varied greedy continuations."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=initializer_range,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (initialisation 0.2, untied: a model LoRA on q_proj, v_proj moves within a few steps)
+    with the byte-level ChatML tokenizer, saved as a Hugging Face directory (what ``model.name`` names, so worker
+    processes and Flower nodes load it too)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer), initializer_range=0.2, tied=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def sums_jsonl(path: Path, n: int = 240, seed: int = 0) -> Path:
+    """``n`` one-digit sums and differences as prompt/response rows with an ``op`` column (``add`` or ``sub``),
+    as a JSON Lines file."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, op = rng.randrange(10), rng.randrange(10), rng.choice(["add", "sub"])
+        question = f"{a}+{b}=" if op == "add" else f"{a}-{b}="
+        rows.append({"prompt": question, "response": str(a + b if op == "add" else a - b), "op": op})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def causal_config(model_dir: Path, data: Path, out: Path, *extra: str) -> Any:
+    """A few-second causal-LM run: the tiny Llama on ``data``, 2 clients partitioned by ``op``, 3 rounds of 4 steps
+    at lr 3e-2, in the main process; ``extra`` overrides come last and win."""
+    from fedlora import config
+
+    base = [
+        "model.task=causal_lm",
+        f"model.name={model_dir}",
+        "model.precision=fp32",
+        f"data.dataset={data}",
+        "data.partition_by=op",
+        "data.alpha=1.0",
+        "data.num_clients=2",
+        "data.max_length=48",
+        "data.test_fraction=0.2",
+        "federation.rounds=3",
+        "train.local_steps=4",
+        "train.batch_size=8",
+        "train.lr=3e-2",
+        "eval.max_new_tokens=4",
+        f"output.dir={out}",
+        "federation.workers=0",
+    ]
+    return config.load_config(None, [*base, *extra])

@@ -74,6 +74,27 @@ SPEC_DEFAULTS = {
     "privacy.clip_norm": 1.0,
     "privacy.noise_multiplier": 1.0,
     "privacy.delta": 1e-5,
+    # causal LM
+    "data.prompt_column": "prompt",
+    "data.response_column": "response",
+    "data.chat_template": "auto",
+    "data.arithmetic_modules": [
+        "add_or_sub",
+        "add_sub_multiple",
+        "mul",
+        "div",
+        "mixed",
+        "gcd",
+        "lcm",
+        "div_remainder",
+        "round_number",
+        "linear_1d",
+    ],
+    "data.arithmetic_per_module": 2000,
+    "eval.generation": "auto",
+    "eval.max_new_tokens": 256,
+    "eval.stop": [],
+    "eval.generation_batch_size": 16,
 }
 
 CONFIG_TOML = """
@@ -251,6 +272,8 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_and_names_the_key(precision, nativ
         ("model.task", ['"seq_cls"', '"causal_lm"']),
         ("model.precision", ['"auto"', '"fp32"', '"bf16"']),
         ("model.lora.variant", ['"lora"', '"dora"', '"hira"']),
+        ("data.chat_template", ['"auto"', '"none"']),
+        ("eval.generation", ['"auto"', '"none"', '"exact_match"', '"pass_at_1"']),
         ("data.partition", ['"iid"', '"dirichlet"', '"pathological"']),
         ("federation.engine", ['"inprocess"', '"flower-simulation"', '"flower-deployment"']),
     ],
@@ -291,6 +314,12 @@ def test_wrong_type_names_key_and_value(override, shown):
         ("model.lora.r=0", "model.lora.r = 0: expected a positive int"),
         ("seed=-1", "seed = -1: expected a non-negative int"),
         ('model.name=""', 'model.name = "": expected'),
+        ('data.partition_by="cluster:1"', "data.partition_by = \"cluster:1\": expected a column name or 'cluster:K'"),
+        ('data.partition_by="cluster:x"', 'data.partition_by = "cluster:x": expected'),
+        ("data.arithmetic_modules=[]", "data.arithmetic_modules = []: expected a non-empty list of distinct"),
+        ('data.arithmetic_modules=["mul", "mul"]', 'data.arithmetic_modules = ["mul", "mul"]: expected'),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens = 0: expected a positive int"),
+        ('eval.stop=[""]', 'eval.stop = [""]: expected a list of non-empty strings'),
     ],
 )
 def test_out_of_range_value(override, message):

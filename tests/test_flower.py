@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_counted, read_records, tiny_config
+from conftest import assert_counted, causal_config, read_records, sums_jsonl, tiny_config
 from fedlora import config, engines, rundir
 from fedlora.types import Payload
 
@@ -462,3 +462,62 @@ def test_engines_dispatch_to_flower_and_deployment_refuses_to_resume(tmp_path):
     cfg = config.load_config(None, ["data.num_clients=2", "federation.engine=flower-deployment"])
     with pytest.raises(ValueError, match="cannot resume"):
         engines.run(cfg, tmp_path / "run", resume=True)
+
+
+# ---- causal LMs on both Flower engines -----------------------------------------------------------------------
+
+
+def causal(tiny_llama_dir: Path, data: Path, out: Path, *extra: str) -> config.ExperimentConfig:
+    return causal_config(
+        tiny_llama_dir, data, out, "eval.generation=exact_match", "federation.round_timeout=300", *extra
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("method", ["fedit", "flora_na"])
+def test_causal_lm_on_the_simulation_matches_the_in_process_engine(tiny_llama_dir, tmp_path, method):
+    """The tiny Llama on one-digit sums: the same records (NLL every round, exact match per group in the full
+    evaluations, the global test set judged on the server) as in process, and an NLL that falls."""
+    data = sums_jsonl(tmp_path / "sums.jsonl")
+    ref_dir, _ = engines.run(
+        causal(tiny_llama_dir, data, tmp_path / "ref", f"federation.method={method}"), tmp_path / "ref"
+    )
+    sim_cfg = causal(
+        tiny_llama_dir, data, tmp_path / "sim", f"federation.method={method}", "federation.engine=flower-simulation"
+    )
+    sim_dir, _ = engines.run(sim_cfg, tmp_path / "sim")
+    ref, sim = read_records(ref_dir), read_records(sim_dir)
+    for r, s in zip(ref, sim, strict=True):
+        assert set(s) - {k for k in s if k.startswith("flower_")} == set(r)
+        assert_close_records(
+            {k: v for k, v in r.items() if k not in EXCLUDED}, {k: s[k] for k in r if k not in EXCLUDED}
+        )
+    assert sim[-1]["global_loss"] < sim[0]["global_loss"] - 0.3
+    assert sim[-1]["global_exact_match/add"] is not None and sim[-1]["local_exact_match"] is not None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_causal_lm_on_the_deployment_engine_with_two_methods(tiny_llama_dir, tmp_path, started):
+    """A SuperLink and two SuperNodes on loopback per run, two rounds; FedIT and FLoRA-NA each lower the NLL, and
+    every process is stopped."""
+    data = sums_jsonl(tmp_path / "sums.jsonl")
+    for method in ("fedit", "flora_na"):
+        cfg = causal(
+            tiny_llama_dir,
+            data,
+            tmp_path / method,
+            f"federation.method={method}",
+            "federation.engine=flower-deployment",
+            "federation.rounds=2",
+        )
+        run_dir, summary = engines.run(cfg, tmp_path / method)
+        records = read_records(run_dir)
+        assert [r["clients"] for r in records] == [[0, 1]] * 2
+        assert records[-1]["global_loss"] < records[0]["global_loss"] - 0.3
+        assert summary["final_global_exact_match"] == records[-1]["global_exact_match"] is not None
+    assert len(started) == 2 * 4  # superlink, 2 supernodes, flwr run; per run
+    _assert_all_gone(started)

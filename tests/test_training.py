@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_peft
-from fedlora import peft_io, tasks, training
+from fedlora import config, peft_io, tasks, training
 from fedlora.types import LowRank, TrainPlan
 
 SEQ_CLS = tasks.get("seq_cls")
@@ -58,10 +58,11 @@ def test_training_computes_in_the_precision_and_keeps_float32_parameters(precisi
 def test_bf16_evaluation_runs_in_bfloat16_and_is_close_to_float32():
     model = tiny_peft()
     data = _data(n=60)
-    seen = _linear_output_dtypes(model, lambda: SEQ_CLS.evaluate(model, data, "bf16"))
+    fp32, bf16 = (config.load_config(None, [f"model.precision={p}"]) for p in ("fp32", "bf16"))
+    seen = _linear_output_dtypes(model, lambda: SEQ_CLS.evaluate(model, data, None, bf16))
     assert seen == {torch.bfloat16}
-    correct32, loss32, n32 = SEQ_CLS.evaluate(model, data, "fp32").values()
-    correct16, loss16, n16 = SEQ_CLS.evaluate(model, data, "bf16").values()
+    correct32, loss32, n32 = SEQ_CLS.evaluate(model, data, None, fp32).values()
+    correct16, loss16, n16 = SEQ_CLS.evaluate(model, data, None, bf16).values()
     assert n32 == n16 == 60
     assert abs(correct32 - correct16) <= 3  # only near-ties may flip
     assert loss16 == pytest.approx(loss32, rel=2e-2)

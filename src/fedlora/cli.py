@@ -83,6 +83,9 @@ class RichProgress:
     def round_done(self, rnd: int, record: dict[str, Any]) -> None:
         self.progress.advance(self.rounds)
         tail = f"divergence {record['divergence']:.3g}, {record['seconds']:.1f} s"
+        if "global_accuracy" not in record:  # a causal LM: the NLL every round, generation in full evaluations
+            self.progress.console.print(f"round {rnd}: {_causal_progress(record)}, {tail}")
+            return
         if record["global_accuracy"] is None:
             self.progress.console.print(f"round {rnd}: not evaluated (eval.every), {tail}")
             return
@@ -91,6 +94,19 @@ class RichProgress:
             f"{record['majority_share']:.4f}), local acc {record['local_accuracy']:.4f} (majority "
             f"{record['local_majority_share']:.4f}), {tail}"
         )
+
+
+def _causal_progress(record: dict[str, Any]) -> str:
+    """A causal LM's round: global and local NLL, and what generation measured when it ran."""
+    text = f"global NLL {record['global_loss']:.4f}, local NLL {record['local_loss']:.4f}"
+    for metric in GENERATION_METRICS:
+        if record.get(f"global_{metric}") is not None:
+            name = metric.replace("_", " ")
+            text += f", global {name} {record[f'global_{metric}']:.4f} ± {record[f'global_{metric}_se']:.4f}"
+    return text
+
+
+GENERATION_METRICS = ("exact_match", "pass_at_1")
 
 
 def _describe(cfg: Any) -> str:
@@ -123,11 +139,22 @@ def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[s
 
 def _summary_table(rows: dict[str, dict[str, Any]]) -> Table:
     """One row per method; compact (two-line headers, no vertical rules) so names and values stay whole in 80
-    columns."""
+    columns. Classification shows accuracies; a causal LM its NLLs and what generation measured."""
+    causal = all("final_global_accuracy" not in s for s in rows.values())
+    generated = [m for m in GENERATION_METRICS if any(f"final_global_{m}" in s for s in rows.values())]
     cols = [
-        ("final_global_accuracy", "global\nacc", ".4f"),
-        ("best_global_accuracy", "best\nglobal", ".4f"),
-        ("final_local_accuracy", "local\nacc", ".4f"),
+        ("final_global_loss", "global\nNLL", ".4f"),
+        ("best_global_loss", "best\nNLL", ".4f"),
+        ("final_local_loss", "local\nNLL", ".4f"),
+        *[(f"final_global_{m}", m.replace("_at_", "@").replace("_", "\n"), ".4f") for m in generated],
+    ]
+    if not causal:
+        cols = [
+            ("final_global_accuracy", "global\nacc", ".4f"),
+            ("best_global_accuracy", "best\nglobal", ".4f"),
+            ("final_local_accuracy", "local\nacc", ".4f"),
+        ]
+    cols += [
         ("final_local_global_gap", "gap", "+.4f"),
         ("mean_divergence", "mean\ndiv", ".3g"),
         ("total_bytes_up", "MB\nup", "mb"),
@@ -139,8 +166,14 @@ def _summary_table(rows: dict[str, dict[str, Any]]) -> Table:
     for _, title, _ in cols:
         table.add_column(title, justify="right", no_wrap=True)
     for name, s in rows.items():
-        table.add_row(name, *[(f"{s[k] / 1e6:.2f}" if f == "mb" else format(s[k], f)) for k, _, f in cols])
+        table.add_row(name, *[_cell(s.get(k), f) for k, _, f in cols])
     return table
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 1e6:.2f}" if fmt == "mb" else format(value, fmt)
 
 
 LEGEND = """\
@@ -148,6 +181,12 @@ global acc: the global model on the held-out test set (last round); best global:
 local acc: each client's own adapter on its own test split, averaged; gap: local minus the global model on the
 same splits. mean div: ‖M − ΔW‖_F / ‖M‖_F, the aggregate's error against the ideal update M = Σ w_u B_u A_u,
 averaged over rounds (0 for exact methods). MB: payload bytes over the run."""
+
+CAUSAL_LEGEND = """\
+global NLL: the global model's mean NLL per response token on the held-out test set (last round); best NLL: its
+lowest round. local NLL: each client's own adapter on its own test split, averaged; gap: the global model minus
+the clients' own adapters on the same splits (in NLL). exact match / pass@1: greedy generation judged, last round.
+mean div: ‖M − ΔW‖_F / ‖M‖_F against the ideal update M = Σ w_u B_u A_u, averaged over rounds. MB: payload bytes."""
 
 
 def _report(summaries: dict[str, dict[str, Any]], run_dirs: list[Path]) -> None:
@@ -160,7 +199,8 @@ def _report(summaries: dict[str, dict[str, Any]], run_dirs: list[Path]) -> None:
             f"on the clients' own splits {first['local_majority_share']:.4f} (mean)",
             markup=False,
         )
-    console.print(LEGEND, markup=False, style="dim")
+    causal = all("final_global_accuracy" not in s for s in summaries.values())
+    console.print(CAUSAL_LEGEND if causal else LEGEND, markup=False, style="dim")
     dirs = " ".join(str(d) for d in run_dirs)
     console.print(
         "next:\n"

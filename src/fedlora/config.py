@@ -79,6 +79,23 @@ Keep = Literal["last", "best"]
 DEFAULT_VAL_FRACTION = 0.1
 Screen = Literal["finite", "norm"]
 Mechanism = Literal["none", "central_dp", "dp_sgd"]
+ChatTemplate = Literal["auto", "none"]
+Generation = Literal["auto", "none", "exact_match", "pass_at_1"]
+
+DEFAULT_ARITHMETIC_MODULES = (
+    "add_or_sub",
+    "add_sub_multiple",
+    "mul",
+    "div",
+    "mixed",
+    "gcd",
+    "lcm",
+    "div_remainder",
+    "round_number",
+    "linear_1d",
+)
+"""``fedlora:arithmetic``'s default mathematics-dataset modules: ten with exact answers and no True/False or
+pick-from-a-list questions, where a guess would score."""
 
 
 class ConfigError(ValueError):
@@ -125,6 +142,22 @@ def _device_name(v: str) -> bool:
     from fedlora import devices
 
     return devices.is_device_name(v)
+
+
+def _any(v: Any) -> bool:
+    return True
+
+
+def _partition_key(v: str) -> bool:
+    """A column name, or ``cluster:K`` with an int K ≥ 2."""
+    if not v.startswith("cluster:"):
+        return len(v) > 0
+    k = v.removeprefix("cluster:")
+    return k.isdigit() and int(k) >= 2
+
+
+def _distinct_names(v: tuple[str, ...]) -> bool:
+    return len(v) > 0 and all(v) and len(set(v)) == len(v)
 
 
 def _spec(default: Any, expected: str, check: Callable[[Any], bool]) -> Any:
@@ -234,6 +267,11 @@ class DataConfig:
     val_fraction: a validation split carved from the training data after the global test split and before
         partitioning, on which the global model is evaluated (``val_<metric>``) to pick the best round
         (``output.keep = "best"``); unset: 0.1 with ``keep = "best"``, else no validation split.
+    partition_by (causal LM): the column whose values the partition treats as labels (e.g. ``module``), or
+        ``cluster:K``, K seeded k-means clusters of the prompts' MiniLM embeddings; unset: no groups (``iid`` only).
+    prompt_column, response_column, chat_template, system_prompt (causal LM): how examples become text;
+        eval_dataset: a separate global test set (e.g. ``fedlora:humaneval``); arithmetic_modules and
+        arithmetic_per_module: what ``fedlora:arithmetic`` generates.
     """
 
     dataset: str = _spec("fedlora:rotten-tomatoes", "a non-empty string", _non_empty)
@@ -248,6 +286,16 @@ class DataConfig:
     labels_per_client: int = _spec(2, "a positive int", _positive)
     min_partition_size: int = _spec(10, "a non-negative int", _non_negative)
     val_fraction: float | None = _spec(None, "a float in (0, 1) (or unset)", _open_unit)
+    partition_by: str | None = _spec(None, "a column name or 'cluster:K' with K >= 2 (or unset)", _partition_key)
+    prompt_column: str = _spec("prompt", "a non-empty string", _non_empty)
+    response_column: str = _spec("response", "a non-empty string", _non_empty)
+    chat_template: ChatTemplate = "auto"
+    system_prompt: str | None = _spec(None, "a string (or unset: no system message)", _any)
+    eval_dataset: str | None = _spec(None, "a dataset (or unset: split from data.dataset)", _non_empty)
+    arithmetic_modules: tuple[str, ...] = _spec(
+        DEFAULT_ARITHMETIC_MODULES, "a non-empty list of distinct mathematics-dataset module names", _distinct_names
+    )
+    arithmetic_per_module: int = _spec(2000, "a positive int", _positive)
 
     def __post_init__(self) -> None:
         _validate(self, "data")
@@ -395,11 +443,19 @@ class EvalConfig:
         splits, and each client's own adapter on its split); the last round is always evaluated. Rounds in between
         record their aggregation metrics (divergence, bytes, train loss) with the evaluation keys null.
     max_examples: a seeded subsample of at most this many examples of each client's test split, drawn once per run
-        (the same examples every round); unset: the whole split. The global test set is never subsampled.
+        (the same examples every round); unset: the whole split.
+    max_global_examples: a seeded subsample of at most this many examples of the global test set, drawn once.
+    generation, max_new_tokens, stop, generation_batch_size (causal LM): the metrics measured by greedy generation
+        in full evaluations (exact match or pass@1; ``auto``: what the data supports) and how it decodes.
     """
 
     every: int = _spec(1, "a positive int (rounds between evaluations)", _positive)
     max_examples: int | None = _spec(None, "a positive int (or unset: every example)", _positive)
+    max_global_examples: int | None = _spec(None, "a positive int (or unset: the whole global test set)", _positive)
+    generation: Generation = "auto"
+    max_new_tokens: int = _spec(256, "a positive int", _positive)
+    stop: tuple[str, ...] = _spec((), "a list of non-empty strings", _all_non_empty)
+    generation_batch_size: int = _spec(16, "a positive int", _positive)
 
     def __post_init__(self) -> None:
         _validate(self, "eval")

@@ -210,14 +210,14 @@ def _hub_offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def _load_hub(name: str, text_column: str, label_column: str) -> TextDataset:
+def _hub_split(name: str, packaged: Sequence[str]) -> datasets.Dataset:
     """The ``train`` split (or the only split) of a Hugging Face dataset in the local cache."""
     try:
         with _hub_offline():
             splits = datasets.load_dataset(name)
     except OSError as error:  # ConnectionError, FileNotFoundError, DatasetNotFoundError
         raise DataError(
-            f"data.dataset={name!r} is not a packaged dataset ({', '.join(_PACKAGED)}), not a local file and "
+            f"data.dataset={name!r} is not a packaged dataset ({', '.join(packaged)}), not a local file and "
             f"not a Hugging Face dataset in the local cache, and runs are offline (HF_DATASETS_OFFLINE=1): pass a "
             f'local csv/json/jsonl/parquet file, or on a machine with internet run `python -c "import datasets; '
             f"datasets.load_dataset('{name}')\"` and copy its ~/.cache/huggingface here (or set HF_HOME to the copy)"
@@ -225,7 +225,21 @@ def _load_hub(name: str, text_column: str, label_column: str) -> TextDataset:
     assert isinstance(splits, datasets.DatasetDict)
     if "train" not in splits and len(splits) != 1:
         raise DataError(f"data.dataset={name!r} has no 'train' split; its splits are {list(splits)}")
-    split = splits["train"] if "train" in splits else next(iter(splits.values()))
+    return splits["train"] if "train" in splits else next(iter(splits.values()))
+
+
+def read_table(name: str, packaged: Sequence[str]) -> pd.DataFrame:
+    """A local csv/json/jsonl/parquet file (optionally compressed), else the ``train`` split of a Hugging Face
+    dataset in the local cache, as a frame; ``packaged`` names the packaged alternatives in the error."""
+    path = Path(name)
+    if _file_format(path) is not None or path.is_file():
+        return _read_local(path)
+    return _hub_split(name, packaged).to_pandas()
+
+
+def _load_hub(name: str, text_column: str, label_column: str) -> TextDataset:
+    """The ``train`` split (or the only split) of a Hugging Face dataset in the local cache."""
+    split = _hub_split(name, list(_PACKAGED))
     feature = split.features.get(label_column)
     names = feature.names if isinstance(feature, datasets.ClassLabel) else None
     return _frame_to_dataset(split.to_pandas(), text_column, label_column, source=name, label_names=names)
@@ -280,6 +294,18 @@ def _encode_labels(
 # --------------------------------------------------------------------------------------------- federating
 
 
+class Labelled(typing.Protocol):
+    """What ``federate`` partitions: examples with integer labels ``0 .. len(label_names) - 1`` (the classes of a
+    text dataset, or the groups of instruction data), subsettable by index."""
+
+    labels: list[int]
+    label_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def subset(self, indices: Sequence[int]) -> typing.Self: ...
+
+
 def federate(
     ds: TextDataset,
     *,
@@ -292,20 +318,26 @@ def federate(
     local_test_fraction: float = 0.2,
     seed: int = 0,
     val_fraction: float = 0.0,
+    stratify: bool = False,
 ) -> FederatedData:
     """Split off a global test set, then (``val_fraction`` > 0) a validation split of the rest, partition the rest
     over ``num_clients``, split each client's part.
 
     Every random choice derives from ``seed``; without a validation split no random number is drawn for it, so
     the partition is the same as before validation splits existed. ``alpha`` and ``min_partition_size`` apply to
-    ``dirichlet``, ``labels_per_client`` to ``pathological``. Raises :class:`DataError` if any client would get
-    no training example.
+    ``dirichlet``, ``labels_per_client`` to ``pathological``. ``stratify``: the global test set takes
+    ``round(n_label · test_fraction)`` examples of every label (e.g. 20 per group of 2,000 at 0.01), instead of a
+    uniform draw. ``ds`` may be any :class:`Labelled` examples (instruction data with groups as labels). Raises
+    :class:`DataError` if any client would get no training example.
     """
     scheme = _Scheme(partition, alpha, labels_per_client, min_partition_size)
     scheme.check(len(ds.label_names))
     _check_sizes(num_clients, test_fraction, local_test_fraction)
     rng = np.random.default_rng(seed)
-    train, test = _split(ds, test_fraction, rng)  # train comes out shuffled, so IID blocks are random
+    if stratify:
+        train, test = _stratified_split(ds, test_fraction, rng)
+    else:
+        train, test = _split(ds, test_fraction, rng)  # train comes out shuffled, so IID blocks are random
     validation = None
     if val_fraction:
         train, validation = _split(train, val_fraction, rng)
@@ -327,6 +359,28 @@ def federate(
             )
         clients.append((local_train, local_test))
     return FederatedData(test, clients, ds.label_names, validation)
+
+
+def federate_as_configured(
+    ds: Labelled, cfg: typing.Any, test_fraction: float | None = None, stratify: bool = False, val_fraction: float = 0.0
+) -> FederatedData:
+    """:func:`federate` with the ``data.*`` settings and the seed of experiment config ``cfg`` (``test_fraction``
+    replaces ``data.test_fraction`` when given; ``val_fraction``: the validation split's share,
+    ``config.validation_fraction``)."""
+    d = cfg.data
+    return federate(
+        ds,  # type: ignore[arg-type]
+        num_clients=d.num_clients,
+        partition=d.partition,
+        alpha=d.alpha,
+        labels_per_client=d.labels_per_client,
+        min_partition_size=d.min_partition_size,
+        test_fraction=d.test_fraction if test_fraction is None else test_fraction,
+        local_test_fraction=d.local_test_fraction,
+        seed=cfg.seed,
+        stratify=stratify,
+        val_fraction=val_fraction,
+    )
 
 
 def _check_sizes(num_clients: int, test_fraction: float, local_test_fraction: float) -> None:
@@ -399,6 +453,21 @@ def _split(ds: TextDataset, test_fraction: float, rng: np.random.Generator) -> t
     order = rng.permutation(len(ds)).tolist()
     num_test = round(len(ds) * test_fraction)
     return ds.subset(order[num_test:]), ds.subset(order[:num_test])
+
+
+def _stratified_split(
+    ds: TextDataset, test_fraction: float, rng: np.random.Generator
+) -> tuple[TextDataset, TextDataset]:
+    """Seeded (train, test) split with ``round(n_label · test_fraction)`` test examples of every label; both
+    parts shuffled."""
+    labels = np.asarray(ds.labels)
+    test: list[int] = []
+    for label in range(len(ds.label_names)):
+        members = np.flatnonzero(labels == label)
+        test += rng.permutation(members)[: round(len(members) * test_fraction)].tolist()
+    chosen = set(test)
+    train = [i for i in rng.permutation(len(ds)).tolist() if i not in chosen]
+    return ds.subset(train), ds.subset(rng.permutation(test).tolist())
 
 
 def _partition(train: TextDataset, num_clients: int, scheme: _Scheme, rng: np.random.Generator) -> list[list[int]]:

@@ -81,7 +81,7 @@ def load_global(exp: Experiment, model: GlobalModel) -> None:
 def sums(exp: Experiment, data: Encoded, full: bool = True) -> Sums:
     """The task's evaluation sums of the model as it stands on ``data`` (``full``: every metric, else the
     every-round ones)."""
-    return exp.task.evaluate(exp.model, data, exp.cfg.model.precision, full)
+    return exp.task.evaluate(exp.model, data, exp.tokenizer, exp.cfg, full)
 
 
 def metrics(exp: Experiment, data: Encoded, full: bool = True) -> dict[str, float]:

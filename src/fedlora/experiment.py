@@ -21,9 +21,10 @@ from fedlora.methods.base import ClientInfo, Method, ModelInfo
 from fedlora.tasks import Encoded, Examples, Task
 from fedlora.training import TrainSettings
 
-SAMPLING, CLIENT, EVAL_SAMPLE, FAULTS, PRIVACY = 0, 1, 2, 3, 4
+SAMPLING, CLIENT, EVAL_SAMPLE, FAULTS, PRIVACY, GLOBAL_SAMPLE = 0, 1, 2, 3, 4, 5
 """Independent random streams: client sampling per round, a client's training per (round, client), the
-per-client evaluation subsample, simulated faults per (round, client) and the central-DP noise per round."""
+per-client evaluation subsample, simulated faults per (round, client), the central-DP noise per round and the
+global test set's subsample."""
 
 
 def derive_seed(seed: int, stream: int, *keys: int) -> int:
@@ -63,6 +64,7 @@ class Experiment:
     validation: Encoded | None = None
     num_labels: int | None = None
     task_info: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
 
     def client_info(self, c: int) -> ClientInfo:
         return ClientInfo(c, self.ranks[c])
@@ -102,11 +104,26 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
         test = eval_subsample(test, cfg.eval.max_examples, derive_seed(cfg.seed, EVAL_SAMPLE, c))
         tensors = (encode(train), by_length(encode(test))) if c in keep else ({}, {})
         parts.append(ClientData(*tensors, len(train), task.baseline(test)))
-    test = by_length(encode(data.test))
+    global_test = global_test_set(cfg, data)
+    metrics = task.metrics(cfg, data)
+    baseline = task.baseline(global_test)
+    test = by_length(encode(global_test))
     validation = by_length(encode(data.validation)) if data.validation is not None else None
-    metrics, baseline, task_info = task.metrics(cfg), task.baseline(data.test), dict(data.info or {})
     return Experiment(
-        cfg, task, metrics, method, model, info, parts, test, ranks, baseline, validation, data.num_labels, task_info
+        cfg,
+        task,
+        metrics,
+        method,
+        model,
+        info,
+        parts,
+        test,
+        ranks,
+        baseline,
+        validation,
+        data.num_labels,
+        dict(data.info or {}),
+        tokenizer,
     )
 
 
@@ -133,6 +150,12 @@ def _model_info(cfg: cfgmod.ExperimentConfig, model: Any, rank: int) -> ModelInf
         scales = {m: peft_io.lora_scale(model, m) for m in info.specs}
         info = replace(info, base_weights=peft_io.base_weights(model), scales=scales)
     return info
+
+
+def global_test_set(cfg: cfgmod.ExperimentConfig, data: Any) -> Examples:
+    """The global held-out test set the run evaluates on: ``data.test`` (``TaskData``), subsampled to
+    ``eval.max_global_examples``."""
+    return eval_subsample(data.test, cfg.eval.max_global_examples, derive_seed(cfg.seed, GLOBAL_SAMPLE))
 
 
 def eval_subsample(examples: Examples, max_examples: int | None, seed: int) -> Examples:

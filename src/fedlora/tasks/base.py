@@ -52,8 +52,10 @@ class TaskData:
 class Task(Protocol):
     """One kind of fine-tuning.
 
-    ``metrics(cfg)`` names what ``finish`` may report for that config; the first is the primary metric, used for
-    the local-global gap and the best round (``higher_is_better`` says its direction). ``every_round``: the metrics
+    ``metrics(cfg, data)`` names what ``finish`` may report for that config and data (a causal LM measures exact
+    match or pass@1 depending on the data); the first is the primary metric, used for the local-global gap and the
+    best round (``higher_is_better`` says its direction). ``evaluate`` gets the tokenizer and the config (the
+    precision, and what generation needs) as ``encode`` does. ``every_round``: the metrics
     cheap enough to evaluate every round (a subset of ``metrics``). ``baseline_name`` names what ``baseline``
     measures on a split (e.g. the majority-class share), or is None when the task has none.
     """
@@ -64,7 +66,7 @@ class Task(Protocol):
     every_round: ClassVar[tuple[str, ...]]
     baseline_name: ClassVar[str | None]
 
-    def metrics(self, cfg: Any) -> tuple[str, ...]: ...
+    def metrics(self, cfg: Any, data: TaskData) -> tuple[str, ...]: ...
 
     def load(self, cfg: Any) -> TaskData: ...
 
@@ -76,7 +78,7 @@ class Task(Protocol):
 
     def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor: ...
 
-    def evaluate(self, model: nn.Module, data: Encoded, precision: str, full: bool) -> Sums: ...
+    def evaluate(self, model: nn.Module, data: Encoded, tokenizer: Any, cfg: Any, full: bool) -> Sums: ...
 
     def finish(self, sums: Sums) -> dict[str, float]: ...
 

@@ -34,24 +34,21 @@ class SequenceClassification:
     every_round: ClassVar[tuple[str, ...]] = ()
     baseline_name: ClassVar[str | None] = "majority_share"
 
-    def metrics(self, cfg: Any) -> tuple[str, ...]:
+    def metrics(self, cfg: Any, data: TaskData) -> tuple[str, ...]:
         return ("accuracy", "loss")
 
     def load(self, cfg: Any) -> TaskData:
         d = cfg.data
+        if d.partition_by not in (None, "label"):
+            raise datamod.DataError(
+                f"data.partition_by = {d.partition_by!r}: sequence classification partitions by the label; "
+                "leave data.partition_by unset (other columns and cluster:K are for model.task = 'causal_lm')"
+            )
+        for key, value in (("data.eval_dataset", d.eval_dataset), ("data.system_prompt", d.system_prompt)):
+            if value is not None:
+                raise datamod.DataError(f"{key} = {value!r} is for model.task = 'causal_lm'; leave it unset")
         ds = datamod.load_dataset(d.dataset, d.text_column, d.label_column)
-        fed = datamod.federate(
-            ds,
-            num_clients=d.num_clients,
-            partition=d.partition,
-            alpha=d.alpha,
-            labels_per_client=d.labels_per_client,
-            min_partition_size=d.min_partition_size,
-            test_fraction=d.test_fraction,
-            local_test_fraction=d.local_test_fraction,
-            seed=cfg.seed,
-            val_fraction=validation_fraction(cfg),
-        )
+        fed = datamod.federate_as_configured(ds, cfg, val_fraction=validation_fraction(cfg))
         info = {"label_names": list(fed.label_names)}
         return TaskData(fed.test, list(fed.clients), len(fed.label_names), info, fed.validation)
 
@@ -106,11 +103,13 @@ class SequenceClassification:
         return model(**batch).loss
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, data: Encoded, precision: str, full: bool = True) -> Sums:
-        """Correct predictions, summed cross-entropy and examples; longest-first batches keep padding small.
-        Nothing is cheap enough for the rounds between full evaluations (``full=False``: no sums)."""
+    def evaluate(self, model: nn.Module, data: Encoded, tokenizer: Any, cfg: Any, full: bool = True) -> Sums:
+        """Correct predictions, summed cross-entropy and examples, at ``cfg.model.precision``; longest-first batches
+        keep padding small. Nothing is cheap enough for the rounds between full evaluations (``full=False``: no
+        sums)."""
         if not full:
             return {}
+        precision = cfg.model.precision
         model.eval()
         n = int(data["labels"].shape[0])
         order = torch.argsort(data["attention_mask"].sum(1), descending=True)
