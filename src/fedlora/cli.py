@@ -201,12 +201,15 @@ def _report(summaries: dict[str, dict[str, Any]], run_dirs: list[Path]) -> None:
         )
     causal = all("final_global_accuracy" not in s for s in summaries.values())
     console.print(CAUSAL_LEGEND if causal else LEGEND, markup=False, style="dim")
-    dirs = " ".join(str(d) for d in run_dirs)
+    dirs, predicted = " ".join(str(d) for d in run_dirs), "its answer" if causal else "label, probability"
     console.print(
         "next:\n"
         f"  fedlora plot {dirs}                     # accuracy, divergence, bytes\n"
         f"  fedlora compare --methods fedit,flora_na,flexlora ...   # the same clients under other methods\n"
-        f"  the trained global adapter: {run_dirs[0] / 'adapter'} (PeftModel.from_pretrained loads it)",
+        f"  fedlora eval {run_dirs[0]}          # the saved adapter again, or on --data FILE\n"
+        f'  fedlora predict {run_dirs[0] / "adapter"} "some text"   # {predicted}\n'
+        f"  the trained global adapter: {run_dirs[0] / 'adapter'} (PeftModel.from_pretrained loads it; model card "
+        "README.md)",
         markup=False,
         soft_wrap=True,  # commands stay on one line, to be copied
     )
