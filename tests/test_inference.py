@@ -107,3 +107,32 @@ def test_eval_data_with_a_label_the_adapter_does_not_know_is_named(run_dir, tmp_
     pd.DataFrame({"text": ["a", "b"], "label": ["fresh", "sideways"]}).to_csv(path, index=False)
     res = cli.invoke(app, ["eval", str(run_dir), "--data", str(path)])
     assert res.exit_code == 2 and "'sideways'" in res.output and "not among the adapter's labels" in res.output
+
+
+def test_an_aggregate_of_run_adapters_describes_itself_and_predicts_as_they_do(run_dir, tmp_path):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir / "adapter", twin)
+    out = tmp_path / "agg"
+    fedlora.aggregate([run_dir / "adapter", twin], "fedit", out)  # the mean of two equal adapters is that adapter
+    assert (out / "base_edits.safetensors").exists() and (out / "fedlora.json").exists()
+    assert "fedit aggregate of 2 adapters" in (out / "README.md").read_text()
+    texts = ["a moving, beautifully made film", "dull and far too long"]
+    assert fedlora.predict(out, texts) == fedlora.predict(run_dir / "adapter", texts)
+    assert fedlora.evaluate(out).metrics == fedlora.evaluate(run_dir).metrics
+
+
+def test_adapters_trained_for_other_labels_are_not_aggregated(run_dir, tmp_path):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir / "adapter", twin)
+    info = json.loads((twin / "fedlora.json").read_text())
+    info["id2label"] = {"0": "spam", "1": "ham"}
+    (twin / "fedlora.json").write_text(json.dumps(info))
+    res = cli.invoke(
+        app, ["aggregate", str(run_dir / "adapter"), str(twin), "--method", "fedit", "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 2 and "adapter 1" in res.output and "id2label" in res.output
+    assert not (tmp_path / "o").exists()

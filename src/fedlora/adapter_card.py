@@ -194,3 +194,56 @@ def _results(metrics: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str
             f"Over the run: best global accuracy {summary['best_global_accuracy']:.4f} (round {summary['best_round']})."
         ]
     return rows
+
+
+def shared_description(dirs: Sequence[Path]) -> dict[str, Any] | None:
+    """For ``fedlora aggregate``: the ``fedlora.json`` the inputs share (base model, task, labels), None when some
+    input has none; inputs that disagree on what their heads mean are refused, naming the two adapters and key."""
+    if not all((d / INFO_FILE).is_file() for d in dirs):
+        return None
+    infos = []
+    for i, d in enumerate(dirs):
+        try:
+            infos.append(json.loads((d / INFO_FILE).read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"adapter {i} ({d}): {INFO_FILE} is not valid JSON ({e})") from None
+    for i, info in enumerate(infos[1:], start=1):
+        for key in ("base_model", "task", "num_labels", "id2label"):
+            if info.get(key) != infos[0].get(key):
+                raise ValueError(
+                    f"adapter {i} ({dirs[i]}): {INFO_FILE} {key} = {info.get(key)!r}, but adapter 0 ({dirs[0]}) has "
+                    f"{infos[0].get(key)!r}: the adapters were trained for different tasks and cannot be aggregated"
+                )
+    return infos[0]
+
+
+def describe_aggregate(directory: Path, shared: Mapping[str, Any], method: str, inputs: Sequence[Path]) -> None:
+    """``fedlora.json`` and a model card for the output of ``fedlora aggregate`` over adapters that runs saved, so
+    that ``fedlora eval`` and ``fedlora predict`` use it as they use a run's (``shared``: the inputs' description,
+    whose config gives the model, task and data)."""
+    from fedlora import __version__
+
+    edits = (directory / peft_io.BASE_EDITS_FILE).exists()
+    info = dict(shared) | {
+        "fedlora_version": __version__,
+        "method": method,
+        "round": None,
+        "rounds": None,
+        "keep": None,
+        "metrics": {},
+        "base_edits": peft_io.BASE_EDITS_FILE if edits else None,
+        "aggregated_from": [str(p) for p in inputs],
+    }
+    (directory / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    sites = "\n".join(f"- `{p}`" for p in inputs)
+    (directory / CARD_FILE).write_text(
+        f"---\nlibrary_name: peft\ntags:\n- fedlora\n- federated-learning\n- lora\n- {method}\n---\n\n"
+        f"# {method} aggregate of {len(inputs)} adapters for `{info['base_model']}`\n\n"
+        f"`fedlora aggregate --method {method}` over these adapters (one server step; weights and errors in "
+        f"`aggregation.json`):\n\n{sites}\n\nTask `{info['task']}`"
+        + (f", labels {', '.join(info['id2label'].values())}" if info.get("id2label") else "")
+        + '. Use it with `fedlora predict DIR "some text"` or `fedlora eval DIR --data FILE` (`fedlora eval DIR` '
+        "alone uses the first input's test set)."
+        + (" Apply `base_edits.safetensors` to the base weights before loading it elsewhere." if edits else "")
+        + "\n"
+    )

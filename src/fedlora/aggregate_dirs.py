@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedlora import methods, peft_io
+from fedlora import adapter_card, methods, peft_io
 from fedlora.methods.base import GlobalModel, ModelInfo, ModuleSpec
 from fedlora.payload import pack_adapter, pack_extras
 from fedlora.types import AggregationReport, BaseEdit, Contribution, Payload
@@ -128,12 +128,15 @@ def aggregate_dirs(
     files = _read_all(paths)
     check_same_base(files, paths, allow_mixed_base)
     inherited = shared_base_edits(paths)
+    description = adapter_card.shared_description(paths)
     w = normalize_weights(weights, len(files), "--weights")
     report, exported = _server_step(method, files, w, seed)
     exported = replace(exported, base_edits=on_top_of(inherited, exported.base_edits))
     with contextlib.ExitStack() as stack:
         staged = {option: _staging(stack, path) for option, path in outputs.items()}
         _write_out(staged["--out"], exported, files[0].config, _summary(method_name, paths, w, report))
+        if description is not None:
+            adapter_card.describe_aggregate(staged["--out"], description, method_name, paths)
         if base_model is not None:
             edits = staged["--out"] / peft_io.BASE_EDITS_FILE if exported.base_edits else None
             try:
