@@ -124,7 +124,7 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         "",
         f"Trained with fedlora {info['fedlora_version']}: {flat['data.num_clients']} clients fine-tuned LoRA "
         f"adapters on their own part of `{flat['data.dataset']}` and the server aggregated them with `{method}` "
-        f"for {info['rounds']} rounds. These weights are the global model of round {info['round']} "
+        f"for {_count(info['rounds'], 'round')}. These weights are the global model of round {info['round']} "
         f'(`output.keep = "{info["keep"]}"`).',
         "",
         "## Model",
@@ -138,7 +138,7 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         "",
         f"- data: `{flat['data.dataset']}`, {flat['data.num_clients']} clients, partition `{flat['data.partition']}`"
         + (f" (Dirichlet α = {flat['data.alpha']})" if flat["data.partition"] == "dirichlet" else ""),
-        f"- method: `{method}`, {info['rounds']} rounds, {_local(flat)}, batch {flat['train.batch_size']}, "
+        f"- method: `{method}`, {_count(info['rounds'], 'round')}, {_local(flat)}, batch {flat['train.batch_size']}, "
         f"lr {flat['train.lr']} ({flat['train.lr_schedule']}), seed {flat['seed']}",
         "",
         "## Results",
@@ -172,6 +172,10 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     return "\n".join(front + lines)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _rank(flat: Mapping[str, Any]) -> str:
     ranks = flat.get("model.lora.ranks")
     return f"{max(ranks)} (clients: {ranks})" if ranks else str(flat["model.lora.r"])
@@ -179,8 +183,8 @@ def _rank(flat: Mapping[str, Any]) -> str:
 
 def _local(flat: Mapping[str, Any]) -> str:
     if "train.local_epochs" in flat:
-        return f"{flat['train.local_epochs']} local epochs"
-    return f"{flat['train.local_steps']} local steps"
+        return _count(flat["train.local_epochs"], "local epoch")
+    return _count(flat["train.local_steps"], "local step")
 
 
 def _results(metrics: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:

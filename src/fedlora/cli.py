@@ -352,7 +352,9 @@ def eval_(
         console.print_json(json.dumps(asdict(result)))
         return
     console.print(
-        f"{result.source}: {result.examples} examples, the global model of round {result.round}", markup=False
+        f"{result.source}: {result.examples} examples, the global model of round {result.round}",
+        markup=False,
+        soft_wrap=True,
     )
     for name, value in result.metrics.items():
         recorded = f" (the run recorded {result.recorded[name]:.4f})" if name in result.recorded else ""
