@@ -113,6 +113,10 @@ def _distinct(v: tuple[str, ...]) -> bool:
     return len(set(v)) == len(v)
 
 
+def _tasks(v: tuple[str, ...]) -> bool:
+    return len(v) > 0 and _all_non_empty(v) and _distinct(v)
+
+
 def _spec(default: Any, expected: str, check: Callable[[Any], bool]) -> Any:
     """A dataclass field with its default, the expected-value text used in errors, and a check of its value
     (skipped for an unset optional value)."""
@@ -201,6 +205,10 @@ class DataConfig:
         local csv/json/parquet path.
     alpha: the Dirichlet concentration; labels_per_client: the pathological partition; min_partition_size: passed
         to the Dirichlet partitioner, which resamples until every client has that many examples.
+    tasks: a multi-task federation: several datasets (each spelled as ``dataset`` is), each with its own label
+        space and its own rows of the classification head; ``dataset`` is then not used. Each task's examples are
+        spread over the clients by a Dirichlet over the clients with concentration ``task_alpha`` (the task mix),
+        and within a task by ``partition`` over its labels (``iid`` or ``dirichlet`` with ``alpha``).
     """
 
     dataset: str = _spec("fedlora:rotten-tomatoes", "a non-empty string", _non_empty)
@@ -214,9 +222,15 @@ class DataConfig:
     alpha: float = _spec(0.5, "a positive float", _positive)
     labels_per_client: int = _spec(2, "a positive int", _positive)
     min_partition_size: int = _spec(10, "a non-negative int", _non_negative)
+    tasks: tuple[str, ...] | None = _spec(None, "a list of at least one distinct non-empty dataset (or unset)", _tasks)
+    task_alpha: float = _spec(0.5, "a positive float", _positive)
 
     def __post_init__(self) -> None:
         _validate(self, "data")
+        if self.tasks is not None and self.partition == "pathological":
+            raise _bad(
+                "data.partition", self.partition, '"iid" or "dirichlet" in a multi-task federation (data.tasks set)'
+            )
 
 
 @dataclass(frozen=True)
