@@ -447,3 +447,25 @@ def test_registered_with_capabilities(name):
     assert cap.personalised and cap.heterogeneous_ranks == "no" and cap.variants == ("lora",)
     with pytest.raises(ValueError, match=f"unknown key 'method.nope' for method '{name}'"):
         methods.build(name, {"nope": 1})
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("ce_lora", r"ce_lora: the upload of client 0 carries lora.<module>.B .* only C travels"),
+        ("fl_tac", r"fl_tac: the upload of client 0 carries no adapter \(slot.<j>.lora...\)"),
+        ("fedlease", r"fedlease: client 0's upload has meta examples = None, expected a positive count"),
+    ],
+)
+def test_adapter_directories_are_refused_with_the_reason(tmp_path, name, match):
+    from fedlora.aggregate_dirs import aggregate_dirs
+
+    dirs = []
+    for c in range(2):
+        model = tiny_peft()
+        peft_io.write_adapter(model, None, {}, rank=4, seed=c)
+        peft_io.save_model_adapter(model, tmp_path / f"site{c}")
+        dirs.append(tmp_path / f"site{c}")
+    with pytest.raises(ValueError, match=match):
+        aggregate_dirs(name, dirs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
