@@ -65,6 +65,7 @@ SPEC_DEFAULTS = {
     "train.max_grad_norm": 1.0,
     "eval.every": 1,
     "output.trackers": [],
+    "data.task_alpha": 0.5,
     "privacy.mechanism": "none",
     "privacy.clip_norm": 1.0,
     "privacy.noise_multiplier": 1.0,
