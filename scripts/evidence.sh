@@ -6,7 +6,9 @@
 #   2. the core methods on Rotten Tomatoes alpha 0.5, seeds 1 and 2 (3 seeds with seed 0);
 #   3. every other registered method on Rotten Tomatoes alpha 0.5, seed 0;
 #   4. 50 clients with 10 sampled per round (Rotten Tomatoes alpha 0.5, core methods);
-#   5. BBC News alpha 0.1 and 1.0 (seed 0), and alpha 0.5 seeds 1 and 2.
+#   5. BBC News alpha 0.1 and 1.0 (seed 0), and alpha 0.5 seeds 1 and 2;
+#   6. the multi-task cell (configs/evidence-v2/multi-task.toml: Rotten Tomatoes and BBC News as two tasks, task
+#      Dirichlet 0.5, seed 0): FedIT, FL-TAC, FedLEASE, CE-LoRA, FLoRA-NA, FedSA-LoRA.
 # Finished runs are kept and an interrupted run resumes from its last round (`compare --resume`), so the script can
 # be stopped and started again; a cell that gains methods runs only the new ones. Long: ~15-30 CPU-minutes a run on
 # Rotten Tomatoes, ~1-1.5 CPU-hours on BBC News (max_length 128) on a 2-core CPU; run it in the background:
@@ -17,7 +19,8 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/evidence-v2}
 core=${CORE_METHODS:-fedit,flora_na,flora,fedex_lora,flexlora,ffa_lora,fedsa_lora}
 rest=${REST_METHODS:-rolora,lora_fair,frlora,fedloru,pfedloru,mfedloru,fslora,flasc,hetlora}
-cells=${CELLS:-1,2,3,4,5}
+multitask=${MULTITASK_METHODS:-fedit,fl_tac,fedlease,ce_lora,flora_na,fedsa_lora}
+cells=${CELLS:-1,2,3,4,5,6}
 read -r -a extra <<< "${EXTRA:-}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -46,4 +49,7 @@ fi
 if wanted 5; then
   for alpha in 0.1 1.0; do compare bbc-news "$alpha" 0 "$core" "bbc-news-alpha$alpha-seed0"; done
   for seed in 1 2; do compare bbc-news 0.5 "$seed" "$core" "bbc-news-alpha0.5-seed$seed"; done
+fi
+if wanted 6; then
+  compare multi-task 0.5 0 "$multitask" multi-task-seed0
 fi

@@ -3,8 +3,8 @@
 
 - engines import the shared steps, never each other (``engines.inprocess`` ↮ ``engines.flower``);
 - only ``engines.flower`` imports ``flwr``;
-- methods import only the math (``types``, ``payload``, ``linalg``, ``coefficients``, ``validation``) and
-  other methods;
+- methods import only the math (``types``, ``payload``, ``linalg``, ``coefficients``, ``validation``, ``mixture``)
+  and other methods;
 - nothing below the engines (the shared steps, tasks, the PEFT edge, data, config, the math) imports an engine,
   the Python API or the command line (those sit above the engines).
 """
@@ -18,7 +18,14 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "fedlora"
-MATH = {"fedlora.types", "fedlora.payload", "fedlora.linalg", "fedlora.coefficients", "fedlora.validation"}
+MATH = {
+    "fedlora.types",
+    "fedlora.payload",
+    "fedlora.linalg",
+    "fedlora.coefficients",
+    "fedlora.validation",
+    "fedlora.mixture",
+}
 
 
 def module_name(path: Path) -> str:

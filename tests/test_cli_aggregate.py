@@ -27,6 +27,7 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
+from fedlora import methods
 from fedlora.cli import app
 
 R, ALPHA = 3, 7.0  # α ≠ r
@@ -254,6 +255,45 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, bert_base, damage)
     assert res.exit_code == 2, res.output
     assert expected in " ".join(res.output.split()), res.output
     assert not (tmp_path / "o").exists()
+
+
+ONE_STEP = ("fedit", "flora_na", "flora", "fedex_lora", "flexlora", "hetlora", "lora_fair")
+AS_FEDIT = ("fedloru", "mfedloru", "fedrot_lora")  # their first server step is FedIT's
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory, bert_base) -> list[Path]:
+    root = tmp_path_factory.mktemp("sites")
+    return [make_site(bert_base, root / f"s{i}", 60 + i, BERT_TARGETS) for i in range(3)]
+
+
+@pytest.mark.parametrize("method", methods.available())
+def test_every_method_aggregates_foreign_adapters_or_refuses_in_one_line(tmp_path, three_sites, method):
+    """docs/aggregate.md's lists: the one-step methods write an adapter (those that start as FedIT write FedIT's);
+    every other method exits 2 with one line naming the method or the first site, and writes nothing."""
+    out = tmp_path / "o"
+    res = runner.invoke(
+        app,
+        ["aggregate", *map(str, three_sites), "--method", method, "--out", str(out), "--weights", "1,2,3"],
+        terminal_width=400,
+    )
+    if method in ONE_STEP + AS_FEDIT:
+        assert res.exit_code == 0, res.output
+        assert (out / "adapter_model.safetensors").exists()
+        if method in AS_FEDIT:
+            fedit = tmp_path / "fedit"
+            runner.invoke(
+                app,
+                ["aggregate", *map(str, three_sites), "--method", "fedit", "--out", str(fedit), "--weights", "1,2,3"],
+            )
+            got, want = load_file(out / "adapter_model.safetensors"), load_file(fedit / "adapter_model.safetensors")
+            assert got.keys() == want.keys()
+            assert all(torch.allclose(got[k], want[k], rtol=1e-6, atol=1e-7) for k in want)
+        return
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
+    assert method in res.output or "client 0" in res.output, res.output
+    assert not out.exists()
 
 
 @pytest.mark.timeout(120)

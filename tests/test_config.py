@@ -70,6 +70,7 @@ SPEC_DEFAULTS = {
     "eval.every": 1,
     "output.trackers": [],
     "output.keep": "last",
+    "data.task_alpha": 0.5,
     "privacy.mechanism": "none",
     "privacy.clip_norm": 1.0,
     "privacy.noise_multiplier": 1.0,

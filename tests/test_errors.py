@@ -76,3 +76,21 @@ def test_bracketed_user_text_is_printed_as_typed(tmp_path):
     res = cli.invoke(app, ["run", f"data.dataset={name}", f"output.dir={tmp_path / 'r'}"], terminal_width=400)
     assert res.exit_code == 2
     assert res.output.count("[bold]reviews[/bold].csv") == 2, res.output  # the run's description and the error
+
+
+def test_keep_best_on_a_task_without_a_validation_split_is_refused_not_ignored(rt_csv, tmp_path):
+    import shutil
+
+    twin = shutil.copy(rt_csv, tmp_path / "twin.csv")
+    args = [f'data.tasks=["{rt_csv}", "{twin}"]', "data.num_clients=2", "output.keep=best", f"output.dir={tmp_path}/r"]
+    line = error_line(["run", *args])
+    assert "need a validation split" in line and "with data.tasks" in line and "output.keep = 'last'" in line
+
+
+def test_an_adapter_with_a_mixture_is_not_evaluated_without_it(tmp_path, monkeypatch):
+    from fedlora import adapter_card
+
+    (tmp_path / peft_io.MIXTURE_FILE).write_bytes(b"")
+    monkeypatch.setattr(adapter_card, "read", lambda directory: None)  # a description is there
+    line = error_line(["predict", str(tmp_path), "text"])
+    assert "mixture.safetensors" in line and "do not load yet" in line

@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 from fedlora import config, methods, screening
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.payload import unpack_adapter, unpack_base_edits, unpack_extras, unpack_sparse
-from fedlora.types import Contribution, LowRank, Payload
+from fedlora.types import (
+    CORE_SUFFIX,
+    FEATURE_MEAN,
+    FEATURE_VAR,
+    UNFOLDED_B_SUFFIX,
+    Contribution,
+    LowRank,
+    Payload,
+)
 
 SPECS = {"q": ModuleSpec(12, 8), "v": ModuleSpec(7, 10)}  # ranks 5-6 (pFedLoRU keeps 4 personal)
 HEAD = {"classifier.weight": torch.zeros(2, 8), "classifier.bias": torch.zeros(2)}
@@ -56,21 +64,40 @@ def _trained(plan, gen: torch.Generator) -> dict[str, LowRank]:
 
 
 def client_round(name: str, ranks: list[int], weights: list[float], seed: int):
-    """(method, server state, contributions with normalised weights, the clients' trained adapters)."""
+    """(method, server state, contributions with normalised weights, the clients' trained adapters). A client of a
+    method that trains several adapters (one per local task) uploads them all; the first is its "trained" one."""
     method = methods.build(name)
     state = method.init_server(_model_info(name, max(ranks)), seed)
     gen = torch.Generator().manual_seed(seed)
     total = sum(weights)
     contributions, trained = [], []
     for c, (rank, w) in enumerate(zip(ranks, weights, strict=True)):
-        info = ClientInfo(c, rank)
+        info = ClientInfo(c, rank, examples=10 + c)
         plan, client_state = method.prepare(method.init_client(info), method.broadcast(state, info, 1), info, 1)
-        adapter = _trained(plan, gen)
-        extras = {n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in (plan.extras or HEAD).items()}
-        upload, _ = method.upload(client_state, adapter, extras, info, 1)
+        plans = plan if isinstance(plan, tuple) else (plan,)
+        adapters = [_trained(p, gen) for p in plans]
+        extras = [_trained_extras(p, a, gen) for p, a in zip(plans, adapters, strict=True)]
+        if isinstance(plan, tuple):
+            upload, _ = method.upload(client_state, tuple(adapters), tuple(extras), info, 1)
+        else:
+            upload, _ = method.upload(client_state, adapters[0], extras[0], info, 1)
         contributions.append(Contribution(c, w / total, upload))
-        trained.append(adapter)
+        trained.append(adapters[0])
     return method, state, contributions, trained
+
+
+def _trained_extras(plan, adapter: dict[str, LowRank], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The plan's fully trained tensors (the head when it has none) moved; for a tri-factor plan, a trained core
+    per module and the trained B̃ itself (the adapter's B then holds B̃·C, as ``LiveAdapter.read`` returns it); the
+    feature statistics when the plan asks for them."""
+    extras = {n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in (plan.extras or HEAD).items()}
+    for m, core in (plan.cores or {}).items():
+        C = core + 0.1 * torch.randn(core.shape, generator=gen)
+        extras |= {f"{m}{CORE_SUFFIX}": C, f"{m}{UNFOLDED_B_SUFFIX}": adapter[m].B}
+        adapter[m] = LowRank(adapter[m].B @ C, adapter[m].A)
+    if plan.feature_statistics:
+        extras |= {FEATURE_MEAN: torch.randn(6, generator=gen), FEATURE_VAR: torch.rand(6, generator=gen) + 0.1}
+    return extras
 
 
 def effective(model) -> dict[str, torch.Tensor]:

@@ -113,8 +113,9 @@ def _describe(cfg: Any) -> str:
     """One line naming what is about to run, so the console log says which experiment it shows."""
     f, d, m = cfg.federation, cfg.data, cfg.model
     partition = f"dirichlet α={d.alpha}" if d.partition == "dirichlet" else d.partition
+    data = d.dataset if d.tasks is None else f"tasks {' + '.join(d.tasks)} (task α={d.task_alpha})"
     return (
-        f"{f.method} on {d.dataset} ({d.num_clients} clients, {partition}), {m.name} with {m.lora.variant} "
+        f"{f.method} on {data} ({d.num_clients} clients, {partition}), {m.name} with {m.lora.variant} "
         f"r={m.lora.r}, {f.rounds} rounds, {m.precision} precision, engine {f.engine}, seed {cfg.seed}"
     )
 

@@ -7,6 +7,11 @@ evaluates, the client's own trained adapter is evaluated on its own test split (
 then decides what goes up and what stays in the client state. A client with a simulated fault
 (``faults.clients``, ``fedlora.faults``) raises or hangs before training, or has its upload corrupted after
 ``method.upload``, the same way on every engine.
+
+A method may return several plans (FL-TAC: one adapter per local task, each plan naming its task). They train one
+after another on the same model, each on its task's examples; in a round that evaluates, each trained adapter is
+evaluated on the client's test examples of its task, and the local metrics combine those sums. ``upload`` then gets
+the trained adapters and extras as tuples, in plan order.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora import faults
-from fedlora.evaluation import metrics, scope
+from fedlora.evaluation import scope, sums
 from fedlora.experiment import CLIENT, FAULTS, Experiment, derive_seed, train_settings
 from fedlora.payload import reference_tensors
-from fedlora.training import train_client
-from fedlora.types import Contribution, Payload
+from fedlora.tasks import Encoded, add_sums
+from fedlora.training import TrainResult, train_client
+from fedlora.types import Contribution, Payload, TrainPlan
 
 
 @dataclass(frozen=True)
@@ -45,15 +51,39 @@ def client_round(exp: Experiment, download: Payload, client_state: Any, c: int, 
     faults.before_training(fault, c, rnd, exp.cfg.federation.round_timeout)
     info = exp.client_info(c)
     plan, client_state = exp.method.prepare(client_state, download, info, rnd)
-    data = exp.clients[c]
-    seed = derive_seed(exp.cfg.seed, CLIENT, rnd, c)
-    result = train_client(exp.model, exp.task.loss, plan, data.train, train_settings(exp.cfg, rnd), seed)
-    started = time.perf_counter()
-    full = scope(exp, rnd)
-    local = metrics(exp, data.test, full) if full is not None else None
-    eval_seconds = time.perf_counter() - started
-    upload, client_state = exp.method.upload(client_state, result.adapter, result.extras, info, rnd)
-    start = reference_tensors(plan.adapter, plan.extras)
+    plans = (plan,) if isinstance(plan, TrainPlan) else tuple(plan)
+    data, full = exp.clients[c], scope(exp, rnd)
+    results, parts, eval_seconds = [], [], 0.0
+    for i, p in enumerate(plans):
+        seed = derive_seed(exp.cfg.seed, CLIENT, rnd, c, *([i] if len(plans) > 1 else []))
+        train = task_subset(data.train, p.task)
+        results.append(train_client(exp.model, exp.task.loss, p, train, train_settings(exp.cfg, rnd), seed))
+        started = time.perf_counter()
+        if full is not None:
+            parts.append(sums(exp, task_subset(data.test, p.task), full))
+        eval_seconds += time.perf_counter() - started
+    local = exp.task.finish(add_sums(parts)) if full is not None else None
+    trained, extras = _outputs(results, single=isinstance(plan, TrainPlan))
+    upload, client_state = exp.method.upload(client_state, trained, extras, info, rnd)
+    start = reference_tensors(plan.adapter, plan.extras) if isinstance(plan, TrainPlan) else None
     upload = faults.corrupt(fault, upload, start, derive_seed(exp.cfg.seed, FAULTS, rnd, c))
     contribution = Contribution(c, float(data.num_examples), upload)
-    return ClientOutcome(contribution, local, result.loss, download.nbytes, result.seconds, eval_seconds, client_state)
+    loss = sum(r.loss * r.steps for r in results) / max(sum(r.steps for r in results), 1)
+    seconds = sum(r.seconds for r in results)
+    return ClientOutcome(contribution, local, loss, download.nbytes, seconds, eval_seconds, client_state)
+
+
+def _outputs(results: list[TrainResult], single: bool) -> tuple[Any, Any]:
+    if single:
+        return results[0].adapter, results[0].extras
+    return tuple(r.adapter for r in results), tuple(r.extras for r in results)
+
+
+def task_subset(data: Encoded, task: int | None) -> Encoded:
+    """The examples of one task of a multi-task federation (all of them for ``task = None``)."""
+    if task is None:
+        return data
+    if "task" not in data:
+        raise ValueError(f"TrainPlan.task = {task}, but the client's examples carry no task ids (data.tasks unset)")
+    keep = data["task"] == task
+    return {k: v[keep] for k, v in data.items()}

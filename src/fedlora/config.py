@@ -272,6 +272,10 @@ class DataConfig:
     prompt_column, response_column, chat_template, system_prompt (causal LM): how examples become text;
         eval_dataset: a separate global test set (e.g. ``fedlora:humaneval``); arithmetic_modules and
         arithmetic_per_module: what ``fedlora:arithmetic`` generates.
+    tasks: a multi-task federation: several datasets (each spelled as ``dataset`` is), each with its own label
+        space and its own rows of the classification head; ``dataset`` is then not used. Each task's examples are
+        spread over the clients by a Dirichlet over the clients with concentration ``task_alpha`` (the task mix),
+        and within a task by ``partition`` over its labels (``iid`` or ``dirichlet`` with ``alpha``).
     """
 
     dataset: str = _spec("fedlora:rotten-tomatoes", "a non-empty string", _non_empty)
@@ -296,9 +300,17 @@ class DataConfig:
         DEFAULT_ARITHMETIC_MODULES, "a non-empty list of distinct mathematics-dataset module names", _distinct_names
     )
     arithmetic_per_module: int = _spec(2000, "a positive int", _positive)
+    tasks: tuple[str, ...] | None = _spec(
+        None, "a list of at least one distinct non-empty dataset (or unset)", _distinct_names
+    )
+    task_alpha: float = _spec(0.5, "a positive float", _positive)
 
     def __post_init__(self) -> None:
         _validate(self, "data")
+        if self.tasks is not None and self.partition == "pathological":
+            raise _bad(
+                "data.partition", self.partition, '"iid" or "dirichlet" in a multi-task federation (data.tasks set)'
+            )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from fedlora import config as cfgmod
 from fedlora import devices, methods, peft_io, schedule, tasks
 from fedlora.methods.base import ClientInfo, Method, ModelInfo
-from fedlora.tasks import Encoded, Examples, Task
+from fedlora.tasks import Encoded, Examples, Task, TaskData
 from fedlora.training import TrainSettings
 
 SAMPLING, CLIENT, EVAL_SAMPLE, FAULTS, PRIVACY, GLOBAL_SAMPLE = 0, 1, 2, 3, 4, 5
@@ -35,12 +35,14 @@ def derive_seed(seed: int, stream: int, *keys: int) -> int:
 @dataclass
 class ClientData:
     """A client's tokenised train and test splits (the test split subsampled per ``eval.max_examples``), its
-    number of training examples (its aggregation weight) and the task's baseline on its test split."""
+    number of training examples (its aggregation weight), the task's baseline on its test split, and in a
+    multi-task federation its training examples per task."""
 
     train: Encoded
     test: Encoded
     num_examples: int
     baseline: float | None
+    task_examples: tuple[int, ...] = ()
 
 
 @dataclass
@@ -67,7 +69,8 @@ class Experiment:
     tokenizer: Any = None
 
     def client_info(self, c: int) -> ClientInfo:
-        return ClientInfo(c, self.ranks[c])
+        data = self.clients[c]
+        return ClientInfo(c, self.ranks[c], data.task_examples, data.num_examples)
 
 
 def train_settings(cfg: cfgmod.ExperimentConfig, rnd: int = 1) -> TrainSettings:
@@ -86,14 +89,19 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
     peft_io.check_model_available(cfg.model.name)  # before the data loads: a missing model is the common failure
     torch.manual_seed(cfg.seed)
     device = devices.resolve(cfg.model.device)
-    task = tasks.get(cfg.model.task)
+    task = tasks.for_config(cfg)
     method = methods.build(cfg.federation.method, cfg.method)
     data = task.load(cfg)
+    if cfgmod.validation_fraction(cfg) and data.validation is None:  # a task that does not carve one
+        raise ValueError(
+            f"data.val_fraction / output.keep = 'best' need a validation split, which this task ({cfg.model.task}"
+            f"{' with data.tasks' if cfg.data.tasks else ''}) does not make yet; use output.keep = 'last'"
+        )
     lora = cfg.model.lora
     ranks = list(lora.ranks) if lora.ranks is not None else [lora.r] * cfg.data.num_clients
     tokenizer = peft_io.load_tokenizer(cfg.model.name)
     model = _peft_model(cfg, task.base_model(cfg, data), task, max(ranks)).to(device)
-    info = _model_info(cfg, model, max(ranks))
+    info = _model_info(cfg, model, max(ranks), data)
 
     def encode(examples: Examples) -> Encoded:
         return task.encode(examples, tokenizer, cfg)
@@ -103,7 +111,8 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
     for c, (train, test) in enumerate(data.clients):
         test = eval_subsample(test, cfg.eval.max_examples, derive_seed(cfg.seed, EVAL_SAMPLE, c))
         tensors = (encode(train), by_length(encode(test))) if c in keep else ({}, {})
-        parts.append(ClientData(*tensors, len(train), task.baseline(test)))
+        task_examples = train.task_counts() if hasattr(train, "task_counts") else ()
+        parts.append(ClientData(*tensors, len(train), task.baseline(test), task_examples))
     global_test = global_test_set(cfg, data)
     metrics = task.metrics(cfg, data)
     baseline = task.baseline(global_test)
@@ -141,11 +150,13 @@ def _peft_model(cfg: cfgmod.ExperimentConfig, base: torch.nn.Module, task: Task,
     )
 
 
-def _model_info(cfg: cfgmod.ExperimentConfig, model: Any, rank: int) -> ModelInfo:
-    """What the method may know of the model: module shapes, the broadcast rank, the initial extras (head), and
-    for methods that need them the frozen base weights and scales."""
+def _model_info(cfg: cfgmod.ExperimentConfig, model: Any, rank: int, data: TaskData) -> ModelInfo:
+    """What the method may know of the model: module shapes, the broadcast rank, the initial extras (head), the
+    head rows of each task of a multi-task federation, and for methods that need them the frozen base weights and
+    scales."""
     _, extras = peft_io.read_adapter(model)
-    info = ModelInfo(peft_io.module_specs(model), rank, extras)
+    spans = tuple(tuple(t["labels"]) for t in (data.info or {}).get("tasks", ()))
+    info = ModelInfo(peft_io.module_specs(model), rank, extras, task_labels=spans)  # type: ignore[arg-type]
     if methods.capabilities(cfg.federation.method).needs_base_weights:
         scales = {m: peft_io.lora_scale(model, m) for m in info.specs}
         info = replace(info, base_weights=peft_io.base_weights(model), scales=scales)

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedlora import adapter_card, devices, peft_io, tasks
 from fedlora import config as cfgmod
-from fedlora.experiment import by_length
+from fedlora.experiment import by_length, global_test_set
 from fedlora.tasks import Task
 from fedlora.tasks.base import TaskData
 
@@ -70,11 +70,16 @@ def load(path: str | Path, device: str | None = None) -> Loaded:
     model on ``device`` (default: the run's ``model.device``, resolved on this machine)."""
     directory = adapter_dir(path)
     info = adapter_card.read(directory)
+    if (directory / peft_io.MIXTURE_FILE).exists():
+        raise ValueError(
+            f"{directory} holds {peft_io.MIXTURE_FILE} (experts and routing around the adapter, fl_tac / fedlease), "
+            "which fedlora eval and predict do not load yet: they would use the adapter without it"
+        )
     cfg = info.config
     if device is not None:
         cfg = cfgmod.with_overrides(cfg, [("model.device", device)])
     peft_io.check_model_available(cfg.model.name)
-    task = tasks.get(cfg.model.task)
+    task = tasks.for_config(cfg)
     base = task.base_model(cfg, TaskData([], [], info.num_labels, info.task_info))
     model = peft_io.load_adapter_dir(base, directory)
     if info.base_edits is not None:
@@ -88,11 +93,12 @@ def evaluate(loaded: Loaded, data: str | None = None) -> EvalResult:
     text and label columns), or on the run's held-out test set when None."""
     cfg, task = loaded.config, loaded.task
     if data is None:
-        examples, source = task.load(cfg).test, f"the run's held-out test set ({cfg.data.dataset}, seed {cfg.seed})"
+        examples = global_test_set(cfg, task.load(cfg))
+        source = f"the run's held-out test set ({cfg.data.dataset}, seed {cfg.seed})"
     else:
         examples, source = task.load_examples(cfg, data, loaded.info.task_info), data
     encoded = by_length(task.encode(examples, loaded.tokenizer, cfg))
-    metrics = task.finish(task.evaluate(loaded.model, encoded, cfg.model.precision, True))
+    metrics = task.finish(task.evaluate(loaded.model, encoded, loaded.tokenizer, cfg, True))
     recorded = {} if data is not None else _recorded(loaded, metrics)
     return EvalResult(source, len(examples), metrics, task.baseline(examples), loaded.info.round, recorded)
 

@@ -40,7 +40,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,8 +69,9 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
+from fedlora import mixture as mixmod
 from fedlora.methods.base import ModuleSpec, fresh_adapter
-from fedlora.types import Adapter, BaseEdit, Factor, LowRank, TrainPlan
+from fedlora.types import CORE_SUFFIX, UNFOLDED_B_SUFFIX, Adapter, BaseEdit, Factor, LowRank, TrainPlan
 from fedlora.validation import check_tensor
 
 Task = Literal["seq_cls", "causal_lm"]
@@ -80,6 +81,7 @@ MINILM = "fedlora:minilm"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_EDITS_FILE = "base_edits.safetensors"
+MIXTURE_FILE = "mixture.safetensors"
 
 _PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
@@ -549,17 +551,21 @@ def write_adapter(
     """
     if rank < 1:
         raise ValueError(f"write_adapter: rank must be >= 1, got {rank}")
+    _remove_mixture(peft_model)
     kind = peft_type(peft_model)
     current = _split_state_dict(_state_dict(peft_model), "in-memory PeftModel", kind)[2]
+    specs = module_specs(peft_model)
+    extras, mixtures = mixmod.split(extras, {m: (s.d, s.k) for m, s in specs.items()}, rank)
     _check_extras(extras, current, "write_adapter")
     if adapter is not None:
-        _check_adapter(adapter, module_specs(peft_model), rank, "write_adapter")
+        _check_adapter(adapter, specs, rank, "write_adapter")
     kept = {n: t.detach().clone() for n, t in current.items()} | dict(extras)  # survives _set_rank
     _set_rank(peft_model, rank)
     factors = fresh_adapter(module_specs(peft_model), rank, seed) if adapter is None else adapter
     tensors = _peft_tensors(factors, _scales(peft_model), kind) | {f"{_PREFIX}{n}": t for n, t in kept.items()}
     result = set_peft_model_state_dict(peft_model, tensors, adapter_name=peft_model.active_adapter)
     check_loaded(result, peft_model, "write_adapter")
+    _install_mixture(peft_model, mixtures)
 
 
 def check_loaded(result: Any, peft_model: PeftModel, where: str) -> None:
@@ -593,8 +599,13 @@ def lora_parameters(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
 
 
 def save_model_adapter(peft_model: PeftModel, path: str | Path) -> None:
-    """The active adapter (and the trained head) as a PEFT directory ``PeftModel.from_pretrained`` loads."""
+    """The active adapter (and the trained head) as a PEFT directory ``PeftModel.from_pretrained`` loads; a mixture
+    of experts around the adapter (``fedlora.mixture``) is saved beside it as ``MIXTURE_FILE`` (its extras)."""
     _require_peft(peft_model).save_pretrained(str(path))
+    installed = getattr(peft_model, _MIXTURE_ATTR, None)
+    if installed is not None:
+        tensors = {n: t.detach().contiguous() for n, t in installed.extras.items()}
+        save_file(tensors, str(Path(path) / MIXTURE_FILE), metadata={"format": "pt"})
 
 
 def set_base_model_name(path: str | Path, name: str) -> None:
@@ -1023,20 +1034,18 @@ class _Masked:
     initial: Tensor
 
 
-CORE_SUFFIX = ".lora_core"
-"""Extras name of a trained tri-factor core: ``<module>.lora_core`` (r, r), as DoRA magnitudes are
-``<module>.lora_magnitude_vector``."""
-
-
 @dataclass(frozen=True)
 class LiveAdapter:
     """One plan's adapter inside the model, from ``load_plan`` to ``read``: the parameters that train, the gradient
-    masks and the cores of a tri-factor plan. The training loop touches the PEFT edge only through this handle."""
+    masks, the cores of a tri-factor plan and the routers of a mixture that train. The training loop touches the
+    PEFT edge only through this handle."""
 
     model: PeftModel
     parameters: list[nn.Parameter]
     masked: list[_Masked]
     cores: dict[str, nn.Parameter]
+    routers: dict[str, nn.Parameter] = field(default_factory=dict)
+    unfold: bool = False
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The live (A (r, k), B (d, r)) of every module as PEFT holds them, for training penalties (B·C where the
@@ -1058,11 +1067,17 @@ class LiveAdapter:
     def read(self) -> tuple[dict[str, LowRank], dict[str, Tensor]]:
         """The trained adapter in canonical form and the extras. A core C is returned as the extra
         ``<module>.lora_core`` and folded into B (B ← B·C) in the model too, so that the model keeps applying
-        exactly what was trained (local evaluation), the adapter is B̃·C, A, and the model holds a plain LoRA."""
-        cores = {f"{m}{CORE_SUFFIX}": c.detach().to("cpu", torch.float32, copy=True) for m, c in self.cores.items()}
+        exactly what was trained (local evaluation), the adapter is B̃·C, A, and the model holds a plain LoRA; when
+        B trained too, its own value B̃ comes back as ``<module>.lora_B_without_core``. A trained router comes back
+        as ``<module>.lora_router``; the mixture stays in the model (local evaluation applies it)."""
+        copy = {f"{m}{CORE_SUFFIX}": c for m, c in self.cores.items()}
+        copy |= {f"{m}{mixmod.ROUTER}": r for m, r in self.routers.items()}
+        if self.unfold:
+            copy |= {f"{m}{UNFOLDED_B_SUFFIX}": B for m, B in _unfolded_B(self.model).items()}
+        copy = {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in copy.items()}
         _remove_cores(self.model, fold=True)
         adapter, extras = read_adapter(self.model)
-        return adapter, extras | cores
+        return adapter, extras | copy
 
 
 def load_plan(peft_model: PeftModel, plan: TrainPlan, seed: int) -> LiveAdapter:
@@ -1080,13 +1095,17 @@ def load_plan(peft_model: PeftModel, plan: TrainPlan, seed: int) -> LiveAdapter:
         raise ValueError("TrainPlan: cores and grad_masks cannot be combined (the masks bind B itself)")
     apply_base_edits(peft_model, plan.base_edits)
     write_adapter(peft_model, plan.adapter, plan.extras, rank=plan.rank, seed=seed)
-    set_trainable(peft_model, frozenset(plan.trainable - {"C"}))
+    if plan.cores and getattr(peft_model, _MIXTURE_ATTR, None) is not None:
+        raise ValueError("TrainPlan: cores and a mixture of experts cannot be combined")
+    set_trainable(peft_model, frozenset(plan.trainable - {"C", "R"}))
     cores = _add_cores(peft_model, plan.cores or {}, plan.rank)
     for core in cores.values():
         core.requires_grad_("C" in plan.trainable)
-    parameters = [p for p in peft_model.parameters() if p.requires_grad]
+    routers = _routers(peft_model) if "R" in plan.trainable else {}
+    parameters = [p for p in peft_model.parameters() if p.requires_grad] + list(routers.values())
     masked = _masked_entries(peft_model, plan.grad_masks)
-    return LiveAdapter(peft_model, parameters, masked, cores)
+    unfold = bool(cores) and "B" in plan.trainable
+    return LiveAdapter(peft_model, parameters, masked, cores, routers, unfold)
 
 
 def _add_cores(peft_model: PeftModel, cores: Mapping[str, Tensor], rank: int) -> dict[str, nn.Parameter]:
@@ -1107,6 +1126,16 @@ def _add_cores(peft_model: PeftModel, cores: Mapping[str, Tensor], rank: int) ->
         parametrize.register_parametrization(layer.lora_B[adapter], "weight", _Core(core.to(device)))
         out[module] = layer.lora_B[adapter].parametrizations.weight[0].core
     return out
+
+
+def _unfolded_B(peft_model: PeftModel) -> dict[str, Tensor]:
+    """Each cored module's own canonical B̃ = s·B (the parametrisation's original, before B ↦ B·C)."""
+    adapter, scales = peft_model.active_adapter, _scales(peft_model)
+    return {
+        m: layer.lora_B[adapter].parametrizations.weight.original * scales[m]
+        for m, layer in _lora_layers(peft_model).items()
+        if isinstance(layer, LoraLayer) and parametrize.is_parametrized(layer.lora_B[adapter], "weight")
+    }
 
 
 def _remove_cores(peft_model: PeftModel, fold: bool) -> None:
@@ -1135,3 +1164,102 @@ def _masked_entries(peft_model: PeftModel, masks: Mapping[str, tuple[Tensor, Ten
                 )
             out.append(_Masked(param, mask.to(param.device, torch.bool), param.detach().clone()))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixtures of experts around the LoRA layers (``fedlora.mixture``), described by a plan's extras
+
+_MIXTURE_ATTR = "_fedlora_mixture"
+
+
+class _LayerMixture:
+    """One adapted layer's mixture bound to PEFT's LoRA forward, ``base(x) + lora_B(lora_A(dropout(x))) · s``:
+    a hook on the LoRA dropout keeps x and x' = dropout(x); a hook on ``lora_B`` replaces its output B·A·x' by
+    w_live·B·A·x' + Σ_e w_e·B̃_e·A_e·x' / s, so that the layer adds exactly the mixture's update."""
+
+    def __init__(self, layer: LoraLayer, adapter: str, mix: mixmod.LayerMixture, scale: float) -> None:
+        self.mix, self.scale = mix, scale
+        self.A, self.B = mix.A.detach().to(torch.float32), mix.B.detach().to(torch.float32)
+        self.router = None if mix.router is None else nn.Parameter(mix.router.detach().to(torch.float32).clone())
+        self.tasks: Tensor | None = None
+        self.x: Tensor | None = None
+        self.dx: Tensor | None = None
+        self.handles = [
+            layer.lora_dropout[adapter].register_forward_hook(self._capture),
+            layer.lora_B[adapter].register_forward_hook(self._combine),
+        ]
+
+    def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        self.x, self.dx = inputs[0], output
+
+    def _combine(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        assert self.x is not None and self.dx is not None
+        E = self.mix.num_experts
+        if self.router is not None:
+            assert self.mix.slots is not None
+            w = mixmod.router_weights(self.x, self.router, self.mix.slots, E)
+        elif self.tasks is None:
+            raise RuntimeError(
+                "the model routes by task (a task table among its extras) but the forward pass was given no task "
+                "ids: it evaluates a multi-task federation's examples only (peft_io.task_routing)"
+            )
+        else:
+            assert self.mix.task_expert is not None
+            w = mixmod.task_weights(self.tasks, self.mix.task_expert, E, self.x.ndim)
+        out = w[..., :1] * output
+        if E:
+            experts = mixmod.expert_outputs(self.dx, self.A, self.B)
+            out = out + torch.einsum("...e,...ed->...d", w[..., 1:].to(experts.dtype), experts) / self.scale
+        self.x = self.dx = None
+        return out.to(output.dtype)
+
+
+@dataclass(frozen=True)
+class _Mixture:
+    layers: dict[str, _LayerMixture]
+    extras: dict[str, Tensor]
+
+
+def _install_mixture(peft_model: PeftModel, mixtures: Mapping[str, mixmod.LayerMixture]) -> None:
+    if not mixtures:
+        return
+    adapter, layers, scales = peft_model.active_adapter, _lora_layers(peft_model), _scales(peft_model)
+    for m, layer in layers.items():
+        if not isinstance(layer, LoraLayer) or adapter in getattr(layer, "lora_variant", {}):
+            raise ValueError(f"a mixture of experts needs plain LoRA layers; module {m!r} is HiRA or DoRA")
+    bound = {m: _LayerMixture(layers[m], adapter, mix, scales[m]) for m, mix in mixtures.items()}
+    extras = {n: t.detach().clone() for m, mix in mixtures.items() for n, t in mixmod.pack(m, mix).items()}
+    setattr(peft_model, _MIXTURE_ATTR, _Mixture(bound, extras))
+
+
+def _remove_mixture(peft_model: PeftModel) -> None:
+    installed = getattr(peft_model, _MIXTURE_ATTR, None)
+    if installed is None:
+        return
+    for layer in installed.layers.values():
+        for handle in layer.handles:
+            handle.remove()
+    delattr(peft_model, _MIXTURE_ATTR)
+
+
+def _routers(peft_model: PeftModel) -> dict[str, nn.Parameter]:
+    installed = getattr(peft_model, _MIXTURE_ATTR, None)
+    routers = {m: layer.router for m, layer in (installed.layers if installed else {}).items()}
+    if not routers or any(r is None for r in routers.values()):
+        raise ValueError("TrainPlan.trainable has 'R' but the plan's extras carry no router (<module>.lora_router)")
+    return routers  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def task_routing(peft_model: nn.Module, tasks: Tensor | None) -> Iterator[None]:
+    """Within the block, a mixture that routes by task sees ``tasks`` (N,), the task ids of the examples the
+    forward pass gets; without such a mixture (or ``tasks`` None) nothing changes."""
+    installed = getattr(peft_model, _MIXTURE_ATTR, None)
+    layers = [] if installed is None or tasks is None else list(installed.layers.values())
+    for layer in layers:
+        layer.tasks = tasks
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.tasks = None

@@ -29,6 +29,9 @@ from fedlora.payload import INDEX_DTYPE, leading_block
 from fedlora.peft_io import CORE_SUFFIX
 from fedlora.types import Contribution, LowRank
 
+GROUPS = ("slot", "expert", "cluster")
+"""Prefixes of an upload of several adapters: ``slot.<j>.lora.<module>.A`` (FL-TAC: one per local task)."""
+
 MAD_TO_SIGMA = 1.4826
 """1 / Φ⁻¹(3/4): the MAD of a normal distribution times this is its standard deviation."""
 
@@ -61,29 +64,53 @@ def screen(
 
 
 def form_problem(tensors: Mapping[str, Tensor], info: ModelInfo, rank: int) -> str | None:
-    """Why an upload does not have a form the model allows (names, dtypes, shapes, ranks, finiteness), or None."""
-    for name in sorted(tensors):
-        problem = _tensor_problem(name, tensors[name], tensors, info, rank)
-        if problem is not None:
-            return problem
+    """Why an upload does not have a form the model allows (names, dtypes, shapes, ranks, finiteness), or None.
+
+    An upload of several adapters (one per local task or expert) names each one's tensors under a prefix
+    ``<group>.<index>.`` (``slot.0.lora.<module>.A``); each group is checked as an upload of its own."""
+    for group in _groups(tensors).values():
+        for name in sorted(group):
+            problem = _tensor_problem(name, group[name], group, info, rank)
+            if problem is not None:
+                return problem
     for name, t in sorted(tensors.items()):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return f"{name}: {int((~torch.isfinite(t)).sum())} NaN/Inf values"
     return None
 
 
+def _groups(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """The upload's tensors by ``<group>.<index>.`` prefix ("" for unprefixed names), names without it."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for name, t in tensors.items():
+        head, _, rest = name.partition(".")
+        index, _, tail = rest.partition(".")
+        prefix, short = (f"{head}.{index}.", tail) if index.isdigit() and head in GROUPS else ("", name)
+        groups.setdefault(prefix, {})[short] = t
+    return groups
+
+
 def _tensor_problem(name: str, t: Tensor, tensors: Mapping[str, Tensor], info: ModelInfo, rank: int) -> str | None:
     if name.startswith("extra."):
         return _extra_problem(name, t, info, rank)
+    if name.startswith("stats."):  # a client's data statistics (CE-LoRA's feature mean and variance)
+        return None if t.dtype == torch.float32 else f"{name}: dtype {t.dtype}, expected torch.float32"
+    if name.startswith("router."):  # a mixture's router over S slots (FedLEASE), (S, k)
+        return _router_problem(name, t, info)
     if not name.startswith("lora."):
-        return f"unexpected tensor {name!r}: a client uploads lora.<module>.A|B[.values|.indices] and extra.<name>"
+        return (
+            f"unexpected tensor {name!r}: a client uploads lora.<module>.A|B|C[.values|.indices], extra.<name>, "
+            "router.<module> and stats.<name>"
+        )
     base, part = name, ""
     if name.endswith((".values", ".indices")):
         base, part = name.rsplit(".", 1)
     module, factor = base[len("lora.") :].rpartition(".")[::2]
     spec = info.specs.get(module)
-    if spec is None or factor not in ("A", "B"):
+    if spec is None or factor not in ("A", "B", "C"):
         return f"unexpected tensor {name!r}: the model adapts no module {module!r} with a factor {factor!r}"
+    if factor == "C":
+        return _core_problem(name, t, rank)
     if part == "indices":
         return _indices_problem(name, t, tensors.get(f"{base}.values"), spec.d if factor == "B" else spec.k, rank)
     if t.dtype != torch.float32:
@@ -105,13 +132,26 @@ def _extra_problem(name: str, t: Tensor, info: ModelInfo, rank: int) -> str | No
     extra = name[len("extra.") :]
     like = info.extras.get(extra)
     if like is None and extra.endswith(CORE_SUFFIX) and extra[: -len(CORE_SUFFIX)] in info.specs:
-        ok = t.dim() == 2 and t.shape[0] == t.shape[1] and 1 <= t.shape[0] <= rank and t.dtype == torch.float32
-        return None if ok else f"{name}: shape {tuple(t.shape)}, dtype {t.dtype}, expected (r, r) float32, r ≤ {rank}"
+        return _core_problem(name, t, rank)
     if like is None:
         return f"unexpected tensor {name!r}: the model has no fully trained tensor {extra!r}"
     if t.shape != like.shape or t.dtype != like.dtype:
         return f"{name}: shape {tuple(t.shape)}, dtype {t.dtype}, expected {tuple(like.shape)}, {like.dtype}"
     return None
+
+
+def _router_problem(name: str, t: Tensor, info: ModelInfo) -> str | None:
+    spec = info.specs.get(name[len("router.") :])
+    if spec is None:
+        return f"unexpected tensor {name!r}: the model adapts no module {name[len('router.') :]!r}"
+    ok = t.dim() == 2 and t.shape[1] == spec.k and t.dtype == torch.float32
+    return None if ok else f"{name}: shape {tuple(t.shape)}, dtype {t.dtype}, expected (S, {spec.k}) float32"
+
+
+def _core_problem(name: str, t: Tensor, rank: int) -> str | None:
+    """A tri-factor core C (r × r) between B and A."""
+    ok = t.dim() == 2 and t.shape[0] == t.shape[1] and 1 <= t.shape[0] <= rank and t.dtype == torch.float32
+    return None if ok else f"{name}: shape {tuple(t.shape)}, dtype {t.dtype}, expected (r, r) float32, r ≤ {rank}"
 
 
 def _indices_problem(name: str, t: Tensor, values: Tensor | None, side: int, rank: int) -> str | None:
@@ -138,8 +178,9 @@ def _values_problem(name: str, t: Tensor, factor: str, d: int, k: int) -> str | 
 
 def _odd_names(contributions: Sequence[Contribution]) -> dict[int, str]:
     """Clients whose set of tensor names differs from the one most of the round's clients sent (none when no
-    set has a strict majority)."""
-    sets = {c.client: frozenset(c.payload.tensors) for c in contributions}
+    set has a strict majority); names are compared without their group prefix, since clients may upload different
+    numbers of adapters (one per local task)."""
+    sets = {c.client: frozenset(n for g in _groups(c.payload.tensors).values() for n in g) for c in contributions}
     if not sets:
         return {}
     common, count = Counter(sets.values()).most_common(1)[0]

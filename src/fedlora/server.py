@@ -103,6 +103,7 @@ def close_round(
     state.server, report = exp.method.aggregate(state.server, contributions, rnd)
     model, errors = global_model(exp, state)
     report = replace(report, modules=errors) if errors else report
+    report = replace(report, diagnostics={**report.diagnostics, **model.diagnostics}) if model.diagnostics else report
     t_eval = time.perf_counter()
     clients = [o.contribution.client for o in outcomes]
     full = scope(exp, rnd)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora import devices, peft_io
-from fedlora.types import Adapter, Regularizer, TrainPlan
+from fedlora.types import FEATURE_MEAN, FEATURE_VAR, Adapter, Regularizer, TrainPlan
 
 Encoded = Mapping[str, Tensor]
 """Tokenised examples: input_ids, attention_mask (N, L) and the task's labels ((N,) or (N, L))."""
@@ -119,6 +119,7 @@ def train_client(
     """Load ``plan`` into the model, run the local AdamW steps on the task's loss, return what was trained."""
     started = time.perf_counter()
     live = peft_io.load_plan(model, plan, seed)
+    statistics = feature_statistics(model, data, settings.precision) if plan.feature_statistics else {}
     torch.manual_seed(seed)  # dropout; after the plan, so a rank change (PEFT re-init) cannot shift the stream
     optimizer = torch.optim.AdamW(live.parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
@@ -140,4 +141,29 @@ def train_client(
         live.restore_masked()
         total += float(loss.detach())
     adapter, extras = live.read()
-    return TrainResult(adapter, extras, total / max(steps, 1), steps, time.perf_counter() - started)
+    return TrainResult(adapter, extras | statistics, total / max(steps, 1), steps, time.perf_counter() - started)
+
+
+FEATURE_BATCH = 64
+
+
+@torch.inference_mode()
+def feature_statistics(model: nn.Module, data: Encoded, precision: str) -> dict[str, Tensor]:
+    """``data.feature_mean`` and ``data.feature_var`` (h,): the mean and (population) variance over the examples of
+    their last hidden state mean-pooled over the attended tokens, under the model as it stands (evaluation mode,
+    float32 sums)."""
+    model.eval()
+    n, device = int(data["input_ids"].shape[0]), devices.of(model)
+    total: Tensor | float = 0.0
+    squares: Tensor | float = 0.0
+    for start in range(0, n, FEATURE_BATCH):
+        batch = to_device(trim({k: v[start : start + FEATURE_BATCH] for k, v in data.items()}), device)
+        with autocast(precision, device), peft_io.task_routing(model, batch.get("task")):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (out.hidden_states[-1].float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        total = total + pooled.double().sum(0)
+        squares = squares + (pooled.double() ** 2).sum(0)
+    mean = torch.as_tensor(total) / max(n, 1)
+    var = (torch.as_tensor(squares) / max(n, 1) - mean**2).clamp(min=0.0)
+    return {FEATURE_MEAN: mean.float().cpu(), FEATURE_VAR: var.float().cpu()}

@@ -16,8 +16,21 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-Factor = Literal["A", "B", "C"]
-"""A, B: the LoRA factors; C: the r×r core of a tri-factor adapter ΔW = s·B·C·A (``TrainPlan.cores``)."""
+Factor = Literal["A", "B", "C", "R"]
+"""A, B: the LoRA factors; C: the r×r core of a tri-factor adapter ΔW = s·B·C·A (``TrainPlan.cores``); R: the
+router of a mixture of experts (``fedlora.mixture``, described by the plan's extras)."""
+
+
+CORE_SUFFIX = ".lora_core"
+"""Extras name of a trained tri-factor core: ``<module>.lora_core`` (r, r), as DoRA magnitudes are
+``<module>.lora_magnitude_vector``."""
+
+UNFOLDED_B_SUFFIX = ".lora_B_without_core"
+"""Extras name of a trained B̃ (canonical, d × r) before its core is folded in, returned when a tri-factor plan
+trains B as well as C: ``<module>.lora_B_without_core``."""
+
+FEATURE_MEAN, FEATURE_VAR = "data.feature_mean", "data.feature_var"
+"""Extras names of a plan's feature statistics (``TrainPlan.feature_statistics``)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +156,14 @@ class TrainPlan:
     cores: optional r×r core C per module for a tri-factor adapter ΔW = B̃·C·A (B̃ canonical, scale folded in;
         C unscaled); ``"C"`` in ``trainable`` trains it. Training returns each trained core as the extra
         ``<module>.lora_core`` and the adapter with C folded into B̃ (B̃·C), so that evaluation and saving see a
-        plain LoRA update.
+        plain LoRA update; when B trains too, its own B̃ comes back as the extra ``<module>.lora_B_without_core``.
+    task: in a multi-task federation, train on this task's examples only (None: on all of the client's).
+    feature_statistics: before training, measure the client's training examples under the model as loaded: the
+        mean and variance over examples of the mean-pooled last hidden state, returned as the extras
+        ``data.feature_mean`` and ``data.feature_var`` (h,) (CE-LoRA's data-space similarity).
+
+    Extras may also describe a mixture of LoRA experts around the adapter (``fedlora.mixture``); ``"R"`` in
+    ``trainable`` trains its router, returned as ``<module>.lora_router``.
     """
 
     rank: int
@@ -154,6 +174,8 @@ class TrainPlan:
     regularizer: Regularizer | None = None
     grad_masks: Mapping[str, tuple[Tensor, Tensor]] | None = None
     cores: Mapping[str, Tensor] | None = None
+    task: int | None = None
+    feature_statistics: bool = False
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ _MODULES = {
     "flasc": "flasc",
     "fedrot_lora": "fedrot_lora",
     "fedsvd": "fedsvd",
+    "ce_lora": "ce_lora",
+    "fl_tac": "fl_tac",
+    "fedlease": "fedlease",
 }
 
 

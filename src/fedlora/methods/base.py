@@ -13,6 +13,9 @@ then once per round
 
     server_state, report  = method.aggregate(server_state, contributions, rnd)
 
+``prepare`` may return several plans (a tuple, e.g. one per local task: FL-TAC); they are trained one after
+another on the same model and ``upload`` then receives the trained adapters and extras as tuples in plan order.
+
 and ``method.export(server_state)`` gives the global model for evaluation and saving.
 
 Most methods only change the server step (FedIT, FLoRA-NA, FLoRA, FedEx-LoRA, FlexLoRA, HetLoRA, LoRA-FAIR):
@@ -73,6 +76,8 @@ class ModelInfo:
     scales: every adapted module's LoRA scale s at the broadcast rank (α/r or α/√r); None when not provided.
         Canonical factors fold s into B, so only methods whose initialisation is defined in PEFT's gauge
         (FRLoRA's PiSSA split) need it.
+    task_labels: in a multi-task federation (``data.tasks``), per task the rows [start, stop) of the classification
+        head its labels own; empty for one task (every row is its own).
     """
 
     specs: Mapping[str, ModuleSpec]
@@ -80,14 +85,20 @@ class ModelInfo:
     extras: Mapping[str, Tensor] = field(default_factory=dict)
     base_weights: Mapping[str, Tensor] | None = None
     scales: Mapping[str, float] | None = None
+    task_labels: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
 class ClientInfo:
-    """Who a client is: its id (0-based partition index) and its adapter rank."""
+    """Who a client is: its id (0-based partition index), its adapter rank, its number of training examples
+    (``examples``, 0 when unknown) and in a multi-task federation its number of training examples of each task
+    (``tasks[t]``; empty for one task). Known on the client; what a method sends of it is its choice (FL-TAC keeps
+    the task identities from the server)."""
 
     id: int
     rank: int
+    tasks: tuple[int, ...] = ()
+    examples: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,11 +137,14 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class GlobalModel:
-    """The global model a method exports: base edits (in order) + adapter + fully trained tensors."""
+    """The global model a method exports: base edits (in order) + adapter + fully trained tensors (which may
+    describe a mixture of experts around the adapter, ``fedlora.mixture``). ``diagnostics``: numbers a method's
+    evaluation-only model measured while it was built (FL-TAC's cluster purity), added to the round's diagnostics."""
 
     adapter: Adapter | None
     extras: Mapping[str, Tensor]
     base_edits: tuple[BaseEdit, ...]
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Method(Protocol):
@@ -143,10 +157,12 @@ class Method(Protocol):
 
     def broadcast(self, state: Any, client: ClientInfo, rnd: int) -> Payload: ...
 
-    def prepare(self, client_state: Any, download: Payload, client: ClientInfo, rnd: int) -> tuple[TrainPlan, Any]: ...
+    def prepare(
+        self, client_state: Any, download: Payload, client: ClientInfo, rnd: int
+    ) -> tuple[TrainPlan | tuple[TrainPlan, ...], Any]: ...
 
     def upload(
-        self, client_state: Any, trained: Adapter, extras: Mapping[str, Tensor], client: ClientInfo, rnd: int
+        self, client_state: Any, trained: Any, extras: Any, client: ClientInfo, rnd: int
     ) -> tuple[Payload, Any]: ...
 
     def aggregate(

@@ -309,7 +309,7 @@ class PFedLoRU(FedLoRU):
         r_p = self.params.personal_rank
         if rank - r_p < 1:
             raise ValueError(
-                f"method.personal_rank = {r_p} leaves no global rank component at client rank {rank}: "
+                f"{self.name}: method.personal_rank = {r_p} leaves no global rank component at client rank {rank}: "
                 f"expected personal_rank < model.lora.r = {rank}"
             )
         return rank - r_p

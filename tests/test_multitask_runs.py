@@ -1,0 +1,133 @@
+"""End to end on the real packaged MiniLM: a two-task federation (Rotten Tomatoes snippets and BBC News articles as
+local files) with FedIT, CE-LoRA, FL-TAC and FedLEASE in process, and FL-TAC on Flower's simulation runtime against
+the in-process engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_records
+from fedlora import config, engines, peft_io
+
+MODULES, D = 12, 384  # MiniLM: 6 layers × (query, value), 384 × 384
+F32 = 4
+R = 4
+HEAD = (2 + 5) * (D + 1) * F32  # one head, the rows of both tasks
+FACTORS = MODULES * 2 * R * D * F32  # A and B of every module
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """60 seeded Rotten Tomatoes snippets and 60 BBC News articles (cut to 200 characters) as CSV files."""
+    import pandas as pd
+
+    from fedlora.data import load_dataset
+
+    out = tmp_path_factory.mktemp("tasks")
+    paths = []
+    for spec, name in (("fedlora:rotten-tomatoes", "rt"), ("fedlora:bbc-news", "bbc")):
+        ds = load_dataset(spec)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:60].tolist()
+        texts = [ds.texts[i][:200] for i in idx]
+        pd.DataFrame({"text": texts, "label": [ds.label_names[ds.labels[i]] for i in idx]}).to_csv(
+            out / f"{name}.csv", index=False
+        )
+        paths.append(out / f"{name}.csv")
+    return paths[0], paths[1]
+
+
+def tiny(two_tasks, out: Path, *extra: str):
+    rt, bbc = two_tasks
+    base = [f'data.tasks=["{rt}", "{bbc}"]', "data.num_clients=3", "data.task_alpha=1.0", "data.min_partition_size=5"]
+    base += ["data.max_length=32", "federation.rounds=2", "train.local_steps=2", "train.batch_size=8"]
+    base += [f"model.lora.r={R}", f"output.dir={out}", "federation.workers=0"]
+    return config.load_config(None, [*base, *extra])
+
+
+def _check_tasks(record: dict) -> None:
+    """Both tasks reported; the overall accuracy is the per-task accuracies weighted by the global test set's 12
+    examples of each task."""
+    assert {"global_accuracy_rt", "global_accuracy_bbc", "local_accuracy_rt", "local_accuracy_bbc"} <= set(record)
+    expected = (record["global_accuracy_rt"] + record["global_accuracy_bbc"]) / 2
+    assert record["global_accuracy"] == pytest.approx(expected)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fedit_and_ce_lora_on_two_tasks(two_tasks, tmp_path):
+    fedit_dir, _ = engines.run(tiny(two_tasks, tmp_path / "fedit", "federation.method=fedit"), tmp_path / "fedit")
+    ce_dir, summary = engines.run(tiny(two_tasks, tmp_path / "ce", "federation.method=ce_lora"), tmp_path / "ce")
+    fedit, (r1, r2) = read_records(fedit_dir), read_records(ce_dir)
+    for r in (*fedit, r1, r2):
+        _check_tasks(r)
+    assert fedit[0]["bytes_up"] == 3 * (FACTORS + HEAD)
+    cores = MODULES * R * R * F32
+    assert r1["bytes_up"] == 3 * (cores + 2 * D * F32)  # the cores and, once, the feature statistics
+    assert r2["bytes_up"] == 3 * cores and r2["bytes_down"] == 3 * cores
+    assert r1["bytes_down"] == 3 * (cores + FACTORS + HEAD)  # the initial A, B = 0 and head, once
+    weights = r2["diagnostics"]["weights"]
+    assert len(weights) == 3 and all(sum(row) == pytest.approx(1.0) for row in weights)
+    assert summary["final_local_accuracy"] == r2["local_accuracy"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fedlease_warms_up_clusters_and_trains_its_experts(two_tasks, tmp_path):
+    cfg = tiny(
+        two_tasks, tmp_path / "run", "federation.method=fedlease", "method.warmup_rounds=1", "federation.rounds=3"
+    )
+    run_dir, _ = engines.run(cfg, tmp_path / "run")
+    r1, r2, r3 = read_records(run_dir)
+    for r in (r1, r2, r3):
+        _check_tasks(r)
+    assert r1["diagnostics"]["experts"] == 2  # three clients: M = 2 is the only silhouette candidate
+    assert set(r1["diagnostics"]["clusters"]) == {"0", "1", "2"}
+    assert r1["bytes_up"] == 3 * (FACTORS + HEAD)
+    routers = MODULES * 3 * D * F32  # 2M − 1 = 3 slots
+    assert r2["bytes_up"] == 3 * (FACTORS + HEAD + routers)
+    assert r2["bytes_down"] == 3 * (2 * FACTORS + routers + HEAD)  # both experts, the cluster's router and head
+    saved = load_file(run_dir / "adapter" / peft_io.MIXTURE_FILE)
+    assert any(n.endswith(".lora_router") for n in saved) and any(n.endswith(".lora_experts.A") for n in saved)
+
+
+def _fl_tac_checks(records: list[dict]) -> None:
+    for r in records:
+        _check_tasks(r)
+        d = r["diagnostics"]
+        assert d["clusters"] == 2 and 0.0 <= d["cluster_matched_accuracy"] <= d["cluster_purity"] <= 1.0
+        slots = len(d["assignment"])
+        assert r["bytes_up"] == slots * (FACTORS + HEAD)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
+@pytest.mark.timeout(1500)
+def test_fl_tac_on_flower_simulation_matches_the_in_process_engine(two_tasks, tmp_path):
+    """One adapter per local task, clustered on the server; the nodes report their adapters' tasks for the
+    evaluation-only task-routed model and the purity. The same records on both engines."""
+    pytest.importorskip("flwr")
+    from test_flower import EXCLUDED, assert_close_records
+
+    ref_dir, ref_summary = engines.run(tiny(two_tasks, tmp_path / "ref", "federation.method=fl_tac"), tmp_path / "ref")
+    sim_cfg = tiny(two_tasks, tmp_path / "sim", "federation.method=fl_tac", "federation.engine=flower-simulation")
+    sim_dir, sim_summary = engines.run(sim_cfg, tmp_path / "sim")
+    ref, sim = read_records(ref_dir), read_records(sim_dir)
+    _fl_tac_checks(ref)
+    for r, s in zip(ref, sim, strict=True):
+        assert_close_records(
+            {k: v for k, v in r.items() if k not in EXCLUDED}, {k: s[k] for k in r if k not in EXCLUDED}
+        )
+        assert s["flower_bytes_report"] > 0  # the nodes' task lists, evaluation-only
+    assert (
+        json.loads((ref_dir / "summary.json").read_text())["final_global_accuracy"]
+        == sim_summary["final_global_accuracy"]
+    )
+    assert ref_summary["total_bytes_up"] == sim_summary["total_bytes_up"]
