@@ -308,3 +308,66 @@ def test_cli_entry_point_in_a_subprocess(tmp_path, bert_base):
     )
     assert proc.returncode == 0, proc.stderr
     assert (out / "adapter_model.safetensors").exists() and "overall" in proc.stdout
+
+
+def shared_edit(sites: list[Path], seed: int) -> dict[str, torch.Tensor]:
+    """A base edit (rank 2, non-square modules) written beside the adapter of every site, as a FedEx-LoRA or FLoRA
+    run saves it; returns its dense deltas (float64, computed here)."""
+    from fedlora.peft_io import BASE_EDITS_FILE, write_base_edits
+    from fedlora.types import BaseEdit, LowRank
+
+    gen = torch.Generator().manual_seed(seed)
+    factored = {}
+    for module, (B, A, _) in site_factors(sites[0]).items():
+        factored[module] = LowRank(torch.randn(B.shape[0], 2, generator=gen), torch.randn(2, A.shape[1], generator=gen))
+    for site in sites:
+        write_base_edits(site / BASE_EDITS_FILE, [BaseEdit(3, factored)])
+    return {m: lr.B.double() @ lr.A.double() for m, lr in factored.items()}
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedex_lora"])
+def test_inputs_sharing_base_edits_are_aggregated_on_top_of_them(tmp_path, bert_base, method):
+    sites = [make_site(bert_base, tmp_path / f"s{i}", 40 + i, BERT_TARGETS) for i in range(2)]
+    edit = shared_edit(sites, 0)
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    res = runner.invoke(
+        app,
+        ["aggregate", *map(str, sites), "--method", method, "--weights", "1,3", "--out", str(out)]
+        + ["--base-model", str(bert_base), "--merged-out", str(merged)],
+    )
+    assert res.exit_code == 0, res.output
+    assert (out / "base_edits.safetensors").exists()
+    W0, W = base_weights(bert_base), merged_weights(merged)
+    f, w = [site_factors(s) for s in sites], [0.25, 0.75]
+    for module in f[0]:
+        s = f[0][module][2]
+        if method == "fedit":  # the mean of the factors
+            update = (
+                s
+                * sum(wi * fi[module][0] for wi, fi in zip(w, f, strict=True))
+                @ sum(wi * fi[module][1] for wi, fi in zip(w, f, strict=True))
+            )
+        else:  # exact: the mean of the products
+            update = ideal(sites, w)[module]
+        assert torch.allclose(W[module + ".weight"] - W0[module + ".weight"], edit[module] + update, atol=1e-4), module
+
+
+def test_inputs_on_different_base_weights_are_refused(tmp_path, bert_base):
+    sites = [make_site(bert_base, tmp_path / f"s{i}", 50 + i, BERT_TARGETS) for i in range(3)]
+    shared_edit(sites[:2], 0)
+    res = runner.invoke(app, ["aggregate", *map(str, sites), "--method", "fedit", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "adapter 0" in res.output and "adapter 2" in res.output and "base_edits.safetensors" in res.output
+    shared_edit(sites[2:], 1)  # now every site has edits, but the third site's differ
+    res = runner.invoke(app, ["aggregate", *map(str, sites), "--method", "fedit", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "adapter 2" in res.output and "differs from adapter 0's" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_directory_given_as_an_adapter_names_its_adapter(tmp_path, bert_base):
+    site = make_site(bert_base, tmp_path / "run" / "adapter", 60, BERT_TARGETS)
+    res = runner.invoke(
+        app, ["aggregate", str(site.parent), str(site), "--method", "fedit", "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 2
+    assert "is a run directory, not an adapter directory" in res.output and str(site) in res.output.replace("\n", "")

@@ -196,8 +196,8 @@ def test_missing_and_unsupported_files(tmp_path: Path) -> None:
         load_dataset(str(tmp_path / "notes.txt"))
 
 
-def test_uncached_hub_dataset_says_there_is_no_hub_access() -> None:
-    with pytest.raises(DataError, match=r"'someone/not-cached'.*no hub access"):
+def test_uncached_hub_dataset_says_runs_are_offline() -> None:
+    with pytest.raises(DataError, match=r"'someone/not-cached'.*runs are offline"):
         load_dataset("someone/not-cached")
 
 

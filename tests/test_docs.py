@@ -45,3 +45,18 @@ def test_no_page_points_outside_the_repository(page):
     hits = [f"{page.name}:{n}: {line.strip()[:90]}" for n, line in enumerate(page.read_text().splitlines(), 1)]
     hits = [h for h in hits if pattern.search(h.split(": ", 1)[1])]
     assert not hits, "pages must stand alone:\n" + "\n".join(hits)
+
+
+def test_the_readme_shows_every_command_and_the_python_api():
+    """ "What you can do" shows eval, predict, trackers and the Python API, and names only commands that exist."""
+    import fedlora
+    from fedlora.cli import app
+
+    section = (ROOT / "README.md").read_text().split("## What you can do", 1)[1].split("\n## ", 1)[0]
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    shown = set(re.findall(r"^fedlora ([a-z]+)", section, re.M))
+    assert shown <= commands, f"README names commands that do not exist: {shown - commands}"
+    assert commands <= shown, f"README's What you can do leaves out {commands - shown}"
+    for needle in ("output.trackers", "fedlora.run(", "fedlora.compare(", "fedlora.evaluate(", "fedlora.predict("):
+        assert needle in section, needle
+    assert all(hasattr(fedlora, name) for name in fedlora.__all__)

@@ -138,12 +138,20 @@ def assert_close_records(a: dict, b: dict, path: str = "") -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("method", ["flora_na", "fedsa_lora"])
-def test_simulation_matches_the_in_process_engine(rt_csv, tmp_path, method):
-    """FLoRA-NA, and FedSA-LoRA, whose evaluation-only global model needs the nodes' own B (evaluation report)."""
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("flora_na", ()), ("fedsa_lora", ()), ("flora_na", ("output.keep=best", "train.lr_schedule=cosine"))],
+    ids=["flora_na", "fedsa_lora", "flora_na-keep_best-cosine"],
+)
+def test_simulation_matches_the_in_process_engine(rt_csv, tmp_path, method, extra):
+    """FLoRA-NA, and FedSA-LoRA, whose evaluation-only global model needs the nodes' own B (evaluation report);
+    and a run that keeps the best round by its validation split under a cosine learning rate."""
     before = descendants()
-    ref_dir, ref_summary = engines.run(tiny(rt_csv, tmp_path / "ref", f"federation.method={method}"), tmp_path / "ref")
-    sim_cfg = tiny(rt_csv, tmp_path / "sim", f"federation.method={method}", "federation.engine=flower-simulation")
+    ref_cfg = tiny(rt_csv, tmp_path / "ref", f"federation.method={method}", *extra)
+    ref_dir, ref_summary = engines.run(ref_cfg, tmp_path / "ref")
+    sim_cfg = tiny(
+        rt_csv, tmp_path / "sim", f"federation.method={method}", "federation.engine=flower-simulation", *extra
+    )
     sim_dir, sim_summary = engines.run(sim_cfg, tmp_path / "sim")
     assert config.load_config(sim_dir / "config.toml") == sim_cfg
     ref, sim = read_records(ref_dir), read_records(sim_dir)

@@ -155,6 +155,9 @@ def test_compare_and_plot(rt_csv, tmp_path):
     summary = json.loads((out / "fedit" / "summary.json").read_text())
     assert f"scores {summary['majority_share']:.4f}" in res.output  # the baseline beside the accuracies
     assert f"fedlora plot {out / 'fedit'} {out / 'flora_na'}" in res.output  # what to do next
+    assert (
+        f"fedlora eval {out / 'fedit'}" in res.output and f"fedlora predict {out / 'fedit' / 'adapter'}" in res.output
+    )
     table = (out / "comparison.md").read_text()
     assert "| fedit |" in table and "| flora_na |" in table
     for png in ("accuracy.png", "divergence.png", "divergence_heatmap.png", "accuracy_vs_bytes.png"):

@@ -6,6 +6,8 @@ The Python API (``fedlora.api``), loaded on first use so that ``import fedlora``
 - ``fedlora.run(config=None, *, resume=None, **overrides) -> RunResult``
 - ``fedlora.compare(config, methods, *, out=None, resume=False, **overrides) -> {method: RunResult}``
 - ``fedlora.aggregate(adapter_dirs, method, out, ...) -> AggregateResult``
+- ``fedlora.evaluate(run_or_adapter, data=None, *, device=None) -> EvalResult``
+- ``fedlora.predict(adapter, texts, *, device=None) -> [{"label": ..., "probabilities": {...}}, ...]``
 
 ``fedlora.RunResult`` holds a finished run's directory, config, summary and per-round records.
 """
@@ -18,9 +20,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["RunResult", "__version__", "aggregate", "compare", "load_config", "run"]
+__all__ = ["RunResult", "__version__", "aggregate", "compare", "evaluate", "load_config", "predict", "run"]
 
-_API = {"RunResult", "aggregate", "compare", "load_config", "run"}
+_API = {"RunResult", "aggregate", "compare", "evaluate", "load_config", "predict", "run"}
 
 
 def __getattr__(name: str) -> Any:

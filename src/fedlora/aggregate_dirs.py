@@ -13,6 +13,12 @@ W_new = W0 + left @ right + dense (transposed once more for GPT-2 Conv1D weights
 Inputs are validated before any math runs (every tensor finite and floating-point, no directory twice, one base
 model); outputs may not overwrite an input, the base model or anything that exists. Everything is written to
 temporary directories that are renamed into place only when all of it (the merge included) succeeded.
+
+Inputs that carry base edits (the adapter of a FedEx-LoRA or FLoRA run, trained on W0 + edits): when every input
+carries the same edits, the sites share those base weights, the adapters are aggregated on top of them and OUT's
+base edits are the inputs' followed by the method's own; when only some carry edits, or the edits differ, the sites
+were trained on different base weights and the inputs are refused (aggregating only their factors would drop the
+difference).
 """
 
 from __future__ import annotations
@@ -22,15 +28,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedlora import methods, peft_io
+from fedlora import adapter_card, methods, peft_io
 from fedlora.methods.base import GlobalModel, ModelInfo, ModuleSpec
 from fedlora.payload import pack_adapter, pack_extras
-from fedlora.types import AggregationReport, Contribution, Payload
+from fedlora.types import AggregationReport, BaseEdit, Contribution, Payload
 from fedlora.validation import normalize_weights
 
 
@@ -43,11 +49,12 @@ class AggregateResult:
     wrote_base_edits: bool
 
 
-def _read_all(dirs: Sequence[Path]) -> list[peft_io.AdapterFile]:
+def _read_all(dirs: Sequence[Path], read: Callable[[Path], Any] = peft_io.read_adapter_dir) -> list[Any]:
+    """``read`` of every directory (by default the adapter), an error naming the adapter by number and path."""
     files = []
     for i, d in enumerate(dirs):
         try:
-            files.append(peft_io.read_adapter_dir(d))
+            files.append(read(d))
         except (OSError, ValueError) as e:
             raise ValueError(f"adapter {i} ({d}): {e}") from e
     return files
@@ -120,11 +127,16 @@ def aggregate_dirs(
     method = methods.build(method_name, params)
     files = _read_all(paths)
     check_same_base(files, paths, allow_mixed_base)
+    inherited = shared_base_edits(paths)
+    description = adapter_card.shared_description(paths)
     w = normalize_weights(weights, len(files), "--weights")
     report, exported = _server_step(method, files, w, seed)
+    exported = replace(exported, base_edits=on_top_of(inherited, exported.base_edits))
     with contextlib.ExitStack() as stack:
         staged = {option: _staging(stack, path) for option, path in outputs.items()}
         _write_out(staged["--out"], exported, files[0].config, _summary(method_name, paths, w, report))
+        if description is not None:
+            adapter_card.describe_aggregate(staged["--out"], description, method_name, paths)
         if base_model is not None:
             edits = staged["--out"] / peft_io.BASE_EDITS_FILE if exported.base_edits else None
             try:
@@ -133,6 +145,53 @@ def aggregate_dirs(
                 raise ValueError(f"--merged-out with --base-model {base_model}: {e}") from e
         _publish(staged, outputs)
     return AggregateResult(outputs["--out"], outputs.get("--merged-out"), report, w.tolist(), bool(exported.base_edits))
+
+
+def shared_base_edits(dirs: Sequence[Path]) -> BaseEdit | None:
+    """The base edits every input adapter was trained on (None when none carries any); refuses inputs whose base
+    weights differ: some with ``base_edits.safetensors`` and some without, or different edits."""
+    files = [d / peft_io.BASE_EDITS_FILE for d in dirs]
+    present = [i for i, f in enumerate(files) if f.is_file()]
+    if not present:
+        return None
+    if len(present) < len(dirs):
+        absent = next(i for i, f in enumerate(files) if not f.is_file())
+        raise ValueError(
+            f"adapter {present[0]} ({dirs[present[0]]}) carries {peft_io.BASE_EDITS_FILE} (its base weights were "
+            f"edited by a base-editing method) but adapter {absent} ({dirs[absent]}) has none: the sites trained on "
+            "different base weights, so aggregating their factors would drop the difference; aggregate adapters "
+            "of one base"
+        )
+    edits = _read_all(dirs, lambda d: peft_io.read_base_edits(d / peft_io.BASE_EDITS_FILE))
+    for i, e in enumerate(edits[1:], start=1):
+        if differing := _differing_module(edits[0], e):
+            raise ValueError(
+                f"adapter {i} ({dirs[i]}): {peft_io.BASE_EDITS_FILE} differs from adapter 0's ({dirs[0]}) in module "
+                f"{differing!r}: the sites trained on different base weights; aggregate adapters of one base"
+            )
+    return edits[0]
+
+
+def _differing_module(a: BaseEdit, b: BaseEdit) -> str | None:
+    """The first module whose stored edit tensors differ between ``a`` and ``b`` (None: the same edits)."""
+    for m in sorted(a.modules() | b.modules()):
+        fa, fb = a.factored.get(m), b.factored.get(m)
+        same_factored = (fa is None) == (fb is None) and (fa is None or (_equal(fa.B, fb.B) and _equal(fa.A, fb.A)))
+        da, db = a.dense.get(m), b.dense.get(m)
+        if not same_factored or (da is None) != (db is None) or (da is not None and not _equal(da, db)):
+            return m
+    return None
+
+
+def _equal(x: Any, y: Any) -> bool:
+    return x.shape == y.shape and bool((x == y).all())
+
+
+def on_top_of(inherited: BaseEdit | None, new: Sequence[BaseEdit]) -> tuple[BaseEdit, ...]:
+    """The inputs' base edits followed by the method's, renumbered after them (versions stay increasing)."""
+    if inherited is None:
+        return tuple(new)
+    return (inherited, *(replace(e, version=inherited.version + e.version) for e in new))
 
 
 def _server_step(

@@ -6,6 +6,7 @@
     result = fedlora.run(cfg)                        # or fedlora.run("configs/default.toml", train={"lr": 2e-3})
     result.summary["final_global_accuracy"], result.records[-1]["divergence"], result.adapter_dir
     results = fedlora.compare(cfg, ["fedit", "flora_na"], out="runs/cmp")
+    fedlora.evaluate(result.run_dir).metrics, fedlora.predict(result.adapter_dir, ["a fine film"])[0]["label"]
 
 Overrides are given as keyword arguments: a section name with a dict of its keys (``train={"lr": 2e-3}``,
 ``model={"lora": {"r": 16}}``), a top-level key (``seed=1``), or dotted keys (``**{"federation.rounds": 3}``);
@@ -75,12 +76,23 @@ def run(
     if resume is not None:
         if config is not None or overrides:
             raise ValueError("resume takes no config or overrides: the run's saved config.toml is used")
-        cfg, run_dir = cfgmod.load_config(Path(resume) / "config.toml"), Path(resume)
+        cfg, run_dir = resumed_config(resume), Path(resume)
     else:
         cfg = load_config(config, **overrides)
         run_dir = rundir.default_run_dir(cfg)
     run_dir, summary = engines.run(cfg, run_dir, resume is not None, progress)
     return _result(run_dir, cfg, summary)
+
+
+def resumed_config(run_dir: str | Path) -> cfgmod.ExperimentConfig:
+    """The saved config of the run to continue in ``run_dir``; a one-line error when there is none."""
+    file = Path(run_dir) / "config.toml"
+    if not file.is_file():
+        what = "does not exist" if not Path(run_dir).exists() else "holds no run (no config.toml)"
+        raise FileNotFoundError(
+            f"--resume {run_dir}: the directory {what}; give the run directory `fedlora run` printed"
+        )
+    return cfgmod.load_config(file)
 
 
 def compare(
@@ -153,6 +165,22 @@ def aggregate(
         merged_out=merged_out,
         allow_mixed_base=allow_mixed_base,
     )
+
+
+def evaluate(run_or_adapter: str | Path, data: str | Path | None = None, *, device: str | None = None) -> Any:
+    """A saved adapter (a run directory, or its ``adapter/``) on the run's held-out test set, or on ``data``;
+    returns ``fedlora.inference.EvalResult`` (metrics, the baseline, what the run recorded for that round)."""
+    from fedlora import inference
+
+    return inference.evaluate(inference.load(run_or_adapter, device), None if data is None else str(data))
+
+
+def predict(adapter: str | Path, texts: Sequence[str], *, device: str | None = None) -> list[dict[str, Any]]:
+    """The task's output for each text with a saved adapter (classification: ``label`` and ``probabilities``;
+    generation: the generated ``text``)."""
+    from fedlora import inference
+
+    return inference.predict(inference.load(inference.require_adapter_dir(adapter), device), texts)
 
 
 def _result(run_dir: Path, cfg: cfgmod.ExperimentConfig, summary: Mapping[str, Any]) -> RunResult:

@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: run, compare, plot, aggregate, methods."""
+"""The ``fedlora`` command line: run, compare, plot, aggregate, eval, predict, methods."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def _describe(cfg: Any) -> str:
 def _execute(cfg: Any, run_dir: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
     from fedlora import config, engines
 
-    console.print(("resuming " if resume else "") + _describe(cfg))
+    console.print(("resuming " if resume else "") + _describe(cfg), markup=False, soft_wrap=True)  # user text
     if warning := config.emulated_bf16_warning(cfg.model.precision):
         console.print(f"[bold yellow]warning:[/] {warning}")
     columns = (
@@ -202,12 +202,15 @@ def _report(summaries: dict[str, dict[str, Any]], run_dirs: list[Path]) -> None:
         )
     causal = all("final_global_accuracy" not in s for s in summaries.values())
     console.print(CAUSAL_LEGEND if causal else LEGEND, markup=False, style="dim")
-    dirs = " ".join(str(d) for d in run_dirs)
+    dirs, predicted = " ".join(str(d) for d in run_dirs), "its answer" if causal else "label, probability"
     console.print(
         "next:\n"
         f"  fedlora plot {dirs}                     # accuracy, divergence, bytes\n"
         f"  fedlora compare --methods fedit,flora_na,flexlora ...   # the same clients under other methods\n"
-        f"  the trained global adapter: {run_dirs[0] / 'adapter'} (PeftModel.from_pretrained loads it)",
+        f"  fedlora eval {run_dirs[0]}          # the saved adapter again, or on --data FILE\n"
+        f'  fedlora predict {run_dirs[0] / "adapter"} "some text"   # {predicted}\n'
+        f"  the trained global adapter: {run_dirs[0] / 'adapter'} (PeftModel.from_pretrained loads it; model card "
+        "README.md)",
         markup=False,
         soft_wrap=True,  # commands stay on one line, to be copied
     )
@@ -219,16 +222,16 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="Continue the run saved in this directory.")] = None,
 ) -> None:
     """Run a federated experiment: fedlora run [CONFIG.toml] [key=value ...]. No arguments: the default."""
-    from fedlora import config, rundir
+    from fedlora import api, config, rundir
 
     path, overrides = _split_config_args(list(ctx.args))
     if resume is not None and (path is not None or overrides):
         _fail("--resume takes no config or overrides: the run's saved config.toml is used")
     try:
-        cfg = config.load_config(resume / "config.toml") if resume is not None else config.load_config(path, overrides)
+        cfg = api.resumed_config(resume) if resume is not None else config.load_config(path, overrides)
         run_dir = resume if resume is not None else rundir.default_run_dir(cfg)
         run_dir, summary = _execute(cfg, run_dir, resume is not None)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: missing files, unwritable directories
         _fail(str(e))
     except KeyboardInterrupt:
         _interrupted(f"fedlora run --resume {run_dir}", run_dir / rundir.CHECKPOINT)
@@ -273,7 +276,7 @@ def compare(
         base = config.load_config(path, overrides)
         out = out or Path(base.output.dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare")
         results = api.compare(base, names, out=out, resume=resume, execute=_execute)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         again = " ".join(["fedlora compare", *ctx.args, "--methods", methods_, "--out", str(out), "--resume"])
@@ -324,6 +327,72 @@ def aggregate(
     """Aggregate adapters trained at several sites into one PEFT adapter (+ base edits where the method makes them)."""
     request = _parse_aggregate(adapter_dirs, method, out, weights, param, base_model, merged_out, allow_mixed_base)
     _report_aggregate(_run_aggregate(request))
+
+
+@app.command("eval")
+def eval_(
+    run_or_adapter: Annotated[Path, typer.Argument(help="A run directory, or the adapter directory a run saved.")],
+    data: Annotated[
+        str | None,
+        typer.Option(help="A data file with the run's text and label columns (default: the run's test set)."),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (default: the run's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Evaluate a saved adapter: on the run's held-out test set (the numbers repeat the run's), or on --data."""
+    import json
+    from dataclasses import asdict
+
+    from fedlora import inference
+
+    try:
+        result = inference.evaluate(inference.load(run_or_adapter, device), data)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(str(e))
+    if as_json:
+        console.print_json(json.dumps(asdict(result)))
+        return
+    console.print(
+        f"{result.source}: {result.examples} examples, the global model of round {result.round}",
+        markup=False,
+        soft_wrap=True,
+    )
+    for name, value in result.metrics.items():
+        recorded = f" (the run recorded {result.recorded[name]:.4f})" if name in result.recorded else ""
+        console.print(f"  {name} {value:.4f}{recorded}", markup=False)
+    if result.baseline is not None:
+        console.print(f"  baseline (always the most frequent label) {result.baseline:.4f}", markup=False)
+
+
+@app.command()
+def predict(
+    adapter: Annotated[Path, typer.Argument(help="The adapter directory a run saved (<run>/adapter).")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to predict for.")] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="One text per line, or a csv/json/jsonl/parquet file's text column.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (default: the run's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
+) -> None:
+    """Predict with a saved adapter: fedlora predict ADAPTER "text" ... | --file F (label and probabilities, or the
+    generated text)."""
+    import json
+
+    from fedlora import inference
+
+    try:
+        loaded = inference.load(inference.require_adapter_dir(adapter), device)
+        given = list(texts or []) + (inference.read_texts(file, loaded.config.data.text_column) if file else [])
+        outputs = inference.predict(loaded, given)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(str(e))
+    for text, out in zip(given, outputs, strict=True):
+        if as_json:
+            console.print(json.dumps({"input": text} | out), markup=False, soft_wrap=True)
+        elif "label" in out:
+            console.print(f"{out['label']}\t{out['probabilities'][out['label']]:.3f}\t{text}", markup=False)
+        else:
+            console.print(f"{text}\n→ {out.get('text', out)}", markup=False)
 
 
 def _parse_aggregate(

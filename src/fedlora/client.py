@@ -57,7 +57,7 @@ def client_round(exp: Experiment, download: Payload, client_state: Any, c: int, 
     for i, p in enumerate(plans):
         seed = derive_seed(exp.cfg.seed, CLIENT, rnd, c, *([i] if len(plans) > 1 else []))
         train = task_subset(data.train, p.task)
-        results.append(train_client(exp.model, exp.task.loss, p, train, train_settings(exp.cfg), seed))
+        results.append(train_client(exp.model, exp.task.loss, p, train, train_settings(exp.cfg, rnd), seed))
         started = time.perf_counter()
         if full is not None:
             parts.append(sums(exp, task_subset(data.test, p.task), full))

@@ -57,6 +57,7 @@ __all__ = [
     "parse_value",
     "to_dict",
     "to_flat",
+    "validation_fraction",
     "with_overrides",
 ]
 
@@ -73,6 +74,9 @@ Partition = Literal["iid", "dirichlet", "pathological"]
 Engine = Literal["inprocess", "flower-simulation", "flower-deployment"]
 Precision = Literal["auto", "fp32", "bf16"]
 Tracker = Literal["tensorboard", "mlflow"]
+Schedule = Literal["constant", "cosine", "linear_warmup"]
+Keep = Literal["last", "best"]
+DEFAULT_VAL_FRACTION = 0.1
 Screen = Literal["finite", "norm"]
 Mechanism = Literal["none", "central_dp", "dp_sgd"]
 ChatTemplate = Literal["auto", "none"]
@@ -134,6 +138,12 @@ def _distinct(v: tuple[str, ...]) -> bool:
     return len(set(v)) == len(v)
 
 
+def _device_name(v: str) -> bool:
+    from fedlora import devices
+
+    return devices.is_device_name(v)
+
+
 def _any(v: Any) -> bool:
     return True
 
@@ -154,6 +164,14 @@ def _spec(default: Any, expected: str, check: Callable[[Any], bool]) -> Any:
     """A dataclass field with its default, the expected-value text used in errors, and a check of its value
     (skipped for an unset optional value)."""
     return field(default=default, metadata={"expected": expected, "check": check})
+
+
+def validation_fraction(cfg: ExperimentConfig) -> float:
+    """The share of the training data held out for validation: ``data.val_fraction``, else
+    ``DEFAULT_VAL_FRACTION`` when ``output.keep = "best"`` needs a validation split, else 0."""
+    if cfg.data.val_fraction is not None:
+        return cfg.data.val_fraction
+    return DEFAULT_VAL_FRACTION if cfg.output.keep == "best" else 0.0
 
 
 def native_bf16() -> bool:
@@ -217,17 +235,25 @@ class ModelConfig:
         ``auto`` (the default) becomes ``bf16`` on a CPU that computes bfloat16 natively (AVX512-BF16 or AMX;
         about 1.7× faster per round there) and ``fp32`` elsewhere, where emulated bfloat16 is slower; the choice
         is made when the config is built, so the saved config and Flower's run config hold ``fp32`` or ``bf16``.
+        On a CUDA device ``auto`` is ``bf16`` where the GPU supports it (``torch.cuda.is_bf16_supported``).
+    device: where the model trains and evaluates (``fedlora.devices``): ``auto`` (a CUDA GPU when torch sees one,
+        else the CPU; resolved where the model is built, so a saved config moves between machines), ``cpu``,
+        ``cuda``, ``cuda:N`` or ``mps``.
     """
 
     name: str = _spec(PACKAGED_MODEL, f"a Hugging Face id, a local path or {PACKAGED_MODEL!r}", _non_empty)
     task: Task = "seq_cls"
     precision: Precision = "auto"
+    device: str = _spec("auto", '"auto", "cpu", "cuda", "cuda:N" or "mps"', _device_name)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _validate(self, "model")
         if self.precision == "auto":
-            object.__setattr__(self, "precision", "bf16" if native_bf16() else "fp32")
+            from fedlora import devices
+
+            gpu = devices.accelerator_bf16(self.device)  # None: the model computes on the CPU
+            object.__setattr__(self, "precision", "bf16" if (native_bf16() if gpu is None else gpu) else "fp32")
 
 
 @dataclass(frozen=True)
@@ -238,6 +264,9 @@ class DataConfig:
         local csv/json/parquet path.
     alpha: the Dirichlet concentration; labels_per_client: the pathological partition; min_partition_size: passed
         to the Dirichlet partitioner, which resamples until every client has that many examples.
+    val_fraction: a validation split carved from the training data after the global test split and before
+        partitioning, on which the global model is evaluated (``val_<metric>``) to pick the best round
+        (``output.keep = "best"``); unset: 0.1 with ``keep = "best"``, else no validation split.
     partition_by (causal LM): the column whose values the partition treats as labels (e.g. ``module``), or
         ``cluster:K``, K seeded k-means clusters of the prompts' MiniLM embeddings; unset: no groups (``iid`` only).
     prompt_column, response_column, chat_template, system_prompt (causal LM): how examples become text;
@@ -260,6 +289,7 @@ class DataConfig:
     alpha: float = _spec(0.5, "a positive float", _positive)
     labels_per_client: int = _spec(2, "a positive int", _positive)
     min_partition_size: int = _spec(10, "a non-negative int", _non_negative)
+    val_fraction: float | None = _spec(None, "a float in (0, 1) (or unset)", _open_unit)
     partition_by: str | None = _spec(None, "a column name or 'cluster:K' with K >= 2 (or unset)", _partition_key)
     prompt_column: str = _spec("prompt", "a non-empty string", _non_empty)
     response_column: str = _spec("response", "a non-empty string", _non_empty)
@@ -378,6 +408,9 @@ class TrainConfig:
 
     Each client trains ``local_steps`` optimizer steps or ``local_epochs`` epochs per round: exactly one is set.
     Leaving both unset means ``local_steps = 10``; setting ``local_epochs`` alone leaves ``local_steps`` unset.
+    lr_schedule: the learning rate of each round (``fedlora.schedule``): ``constant``; ``cosine`` from ``lr`` to
+        ``lr_min`` over the rounds (FlowerTune's per-round cosine); ``linear_warmup`` over ``warmup_rounds`` rounds,
+        then ``lr``.
     """
 
     local_steps: int | None = _spec(None, "a positive int (or unset)", _positive)
@@ -386,9 +419,13 @@ class TrainConfig:
     lr: float = _spec(5e-4, "a positive float", _positive)
     weight_decay: float = _spec(0.0, "a non-negative float", _non_negative)
     max_grad_norm: float = _spec(1.0, "a non-negative float (0: no clipping)", _non_negative)
+    lr_schedule: Schedule = "constant"
+    warmup_rounds: int = _spec(0, "a non-negative int", _non_negative)
+    lr_min: float = _spec(0.0, "a non-negative float", _non_negative)
 
     def __post_init__(self) -> None:
         _validate(self, "train")
+        self._check_schedule()
         if self.local_steps is not None and self.local_epochs is not None:
             raise ConfigError(
                 f"train.local_steps = {self.local_steps} and train.local_epochs = {self.local_epochs}: "
@@ -396,6 +433,18 @@ class TrainConfig:
             )
         if self.local_epochs is None and self.local_steps is None:
             object.__setattr__(self, "local_steps", DEFAULT_LOCAL_STEPS)
+
+    def _check_schedule(self) -> None:
+        """Each schedule's parameters, and no parameter of another schedule (it would be silently ignored)."""
+        if self.lr_schedule == "linear_warmup" and self.warmup_rounds == 0:
+            raise _bad("train.warmup_rounds", 0, 'a positive int with train.lr_schedule = "linear_warmup"')
+        if self.lr_schedule != "linear_warmup" and self.warmup_rounds:
+            expected = f'0: train.lr_schedule = "{self.lr_schedule}" has no warm-up'
+            raise _bad("train.warmup_rounds", self.warmup_rounds, expected)
+        if self.lr_schedule != "cosine" and self.lr_min:
+            raise _bad("train.lr_min", self.lr_min, '0.0: only train.lr_schedule = "cosine" decays to train.lr_min')
+        if self.lr_min > self.lr:
+            raise _bad("train.lr_min", self.lr_min, f"a float <= train.lr = {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -430,10 +479,13 @@ class OutputConfig:
 
     trackers: experiment trackers that also receive every round's metrics, the summary and the config
         (``fedlora.tracking``): "tensorboard", "mlflow", both or none; each needs its optional extra.
+    keep: which round's global model ``adapter/`` holds: the ``last`` round's, or the ``best`` by the primary
+        metric on the validation split (``data.val_fraction``), never the test set.
     """
 
     dir: str | None = _spec(None, "a non-empty path (or unset: runs/<timestamp>-<method>)", _non_empty)
     trackers: tuple[Tracker, ...] = _spec((), 'a list of distinct names from "tensorboard", "mlflow"', _distinct)
+    keep: Keep = "last"
 
     def __post_init__(self) -> None:
         _validate(self, "output")
@@ -720,6 +772,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     tree: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"config file {path} does not exist (`fedlora run` with no file runs the default experiment)"
+            )
         with Path(path).open("rb") as fh:
             try:
                 tree = tomllib.load(fh)

@@ -75,11 +75,13 @@ class TextDataset:
 
 @dataclass(frozen=True)
 class FederatedData:
-    """A global held-out test set and, per client, its (train, local test) parts."""
+    """A global held-out test set, per client its (train, local test) parts, and the validation split carved from
+    the training data before partitioning (None without ``val_fraction``)."""
 
     test: TextDataset
     clients: list[tuple[TextDataset, TextDataset]]
     label_names: list[str]
+    validation: TextDataset | None = None
 
     @property
     def num_clients(self) -> int:
@@ -216,8 +218,9 @@ def _hub_split(name: str, packaged: Sequence[str]) -> datasets.Dataset:
     except OSError as error:  # ConnectionError, FileNotFoundError, DatasetNotFoundError
         raise DataError(
             f"data.dataset={name!r} is not a packaged dataset ({', '.join(packaged)}), not a local file and "
-            f"not a Hugging Face dataset in the local cache; fedlora has no hub access. Pass a local "
-            f"csv/json/jsonl/parquet file instead. ({error})"
+            f"not a Hugging Face dataset in the local cache, and runs are offline (HF_DATASETS_OFFLINE=1): pass a "
+            f'local csv/json/jsonl/parquet file, or on a machine with internet run `python -c "import datasets; '
+            f"datasets.load_dataset('{name}')\"` and copy its ~/.cache/huggingface here (or set HF_HOME to the copy)"
         ) from error
     assert isinstance(splits, datasets.DatasetDict)
     if "train" not in splits and len(splits) != 1:
@@ -314,14 +317,17 @@ def federate(
     test_fraction: float = 0.2,
     local_test_fraction: float = 0.2,
     seed: int = 0,
+    val_fraction: float = 0.0,
     stratify: bool = False,
 ) -> FederatedData:
-    """Split off a global test set, partition the rest over ``num_clients``, split each client's part.
+    """Split off a global test set, then (``val_fraction`` > 0) a validation split of the rest, partition the rest
+    over ``num_clients``, split each client's part.
 
-    Every random choice derives from ``seed``. ``alpha`` and ``min_partition_size`` apply to ``dirichlet``,
-    ``labels_per_client`` to ``pathological``. ``stratify``: the global test set takes ``round(n_label ·
-    test_fraction)`` examples of every label (e.g. 20 per group of 2,000 at 0.01), instead of a uniform draw.
-    ``ds`` may be any :class:`Labelled` examples (instruction data with groups as labels). Raises
+    Every random choice derives from ``seed``; without a validation split no random number is drawn for it, so
+    the partition is the same as before validation splits existed. ``alpha`` and ``min_partition_size`` apply to
+    ``dirichlet``, ``labels_per_client`` to ``pathological``. ``stratify``: the global test set takes
+    ``round(n_label · test_fraction)`` examples of every label (e.g. 20 per group of 2,000 at 0.01), instead of a
+    uniform draw. ``ds`` may be any :class:`Labelled` examples (instruction data with groups as labels). Raises
     :class:`DataError` if any client would get no training example.
     """
     scheme = _Scheme(partition, alpha, labels_per_client, min_partition_size)
@@ -332,6 +338,9 @@ def federate(
         train, test = _stratified_split(ds, test_fraction, rng)
     else:
         train, test = _split(ds, test_fraction, rng)  # train comes out shuffled, so IID blocks are random
+    validation = None
+    if val_fraction:
+        train, validation = _split(train, val_fraction, rng)
     needed = num_clients * scheme.min_size
     if len(train) < needed:
         raise DataError(
@@ -349,14 +358,15 @@ def federate(
                 f"{scheme.remedy}, or a smaller data.local_test_fraction"
             )
         clients.append((local_train, local_test))
-    return FederatedData(test, clients, ds.label_names)
+    return FederatedData(test, clients, ds.label_names, validation)
 
 
 def federate_as_configured(
-    ds: Labelled, cfg: typing.Any, test_fraction: float | None = None, stratify: bool = False
+    ds: Labelled, cfg: typing.Any, test_fraction: float | None = None, stratify: bool = False, val_fraction: float = 0.0
 ) -> FederatedData:
     """:func:`federate` with the ``data.*`` settings and the seed of experiment config ``cfg`` (``test_fraction``
-    replaces ``data.test_fraction`` when given)."""
+    replaces ``data.test_fraction`` when given; ``val_fraction``: the validation split's share,
+    ``config.validation_fraction``)."""
     d = cfg.data
     return federate(
         ds,  # type: ignore[arg-type]
@@ -369,6 +379,7 @@ def federate_as_configured(
         local_test_fraction=d.local_test_fraction,
         seed=cfg.seed,
         stratify=stratify,
+        val_fraction=val_fraction,
     )
 
 

@@ -1,11 +1,12 @@
 """Evaluation shared by every engine: which rounds evaluate, the evaluation sets, loading a global model, and the
 evaluation of a model on sets in this process.
 
-Per evaluated round: the global model on the held-out test set and on each participating client's test split
-(the local-global gap), and each client's own adapter on its own split (in its client round). Sets are addressed
-by *targets*, so that an engine can spread them over processes and add the sums back up:
-``("test", start, stop)`` a slice of the global test set (longest examples first), ``("client", c)`` client c's
-test split.
+Per evaluated round: the global model on the held-out test set, on the validation split when there is one
+(``data.val_fraction``, ``output.keep = "best"``) and on each participating client's test split (the local-global
+gap), and each client's own adapter on its own split (in its client round). Sets are addressed by *targets*, so
+that an engine can spread them over processes and add the sums back up: ``("test", start, stop)`` a slice of the
+global test set (longest examples first), ``("val", start, stop)`` a slice of the validation split,
+``("client", c)`` client c's test split.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ Target = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The global model's finished metrics on the held-out test set, and on each evaluated client's split."""
+    """The global model's finished metrics on the held-out test set, on each evaluated client's split, and on the
+    validation split (None without one)."""
 
     test: Mapping[str, float]
     clients: Mapping[int, Mapping[str, float]]
+    validation: Mapping[str, float] | None = None
 
 
 def is_evaluated(cfg: cfgmod.ExperimentConfig, rnd: int) -> bool:
@@ -87,27 +90,41 @@ def metrics(exp: Experiment, data: Encoded, full: bool = True) -> dict[str, floa
 
 
 def targets(exp: Experiment, clients: Sequence[int]) -> list[Target]:
-    """The global test set in ``EVAL_CHUNK`` slices and each client's split, largest first (so that workers
-    taking them in turn finish together)."""
-    n = int(exp.test["input_ids"].shape[0])
-    out: list[Target] = [("test", i, min(i + EVAL_CHUNK, n)) for i in range(0, n, EVAL_CHUNK)]
+    """The global test set and the validation split in ``EVAL_CHUNK`` slices and each client's split, largest
+    first (so that workers taking them in turn finish together)."""
+    out: list[Target] = []
+    for kind, data in global_sets(exp).items():
+        n = int(data["input_ids"].shape[0])
+        out += [(kind, i, min(i + EVAL_CHUNK, n)) for i in range(0, n, EVAL_CHUNK)]
     out += [("client", c) for c in clients]
     return sorted(out, key=lambda t: -int(target_set(exp, t)["attention_mask"].sum()))
 
 
+def global_sets(exp: Experiment) -> dict[str, Encoded]:
+    """The sets only the global model is evaluated on: ``test``, and ``val`` when the run has a validation split."""
+    return {"test": exp.test} | ({"val": exp.validation} if exp.validation is not None else {})
+
+
 def target_set(exp: Experiment, target: Target) -> Encoded:
-    if target[0] == "test":
-        return {k: v[target[1] : target[2]] for k, v in exp.test.items()}
-    return exp.clients[target[1]].test
+    if target[0] == "client":
+        return exp.clients[target[1]].test
+    return {k: v[target[1] : target[2]] for k, v in global_sets(exp)[target[0]].items()}
 
 
 def collect(exp: Experiment, results: Mapping[Target, Sums], clients: Sequence[int]) -> Evaluation:
     """The evaluation from every target's sums."""
-    test = exp.task.finish(add_sums([s for t, s in results.items() if t[0] == "test"]))
-    return Evaluation(test, {c: exp.task.finish(results[("client", c)]) for c in clients})
+    test, val = (exp.task.finish(add_sums([s for t, s in results.items() if t[0] == k])) for k in ("test", "val"))
+    clients_metrics = {c: exp.task.finish(results[("client", c)]) for c in clients}
+    return Evaluation(test, clients_metrics, val if exp.validation is not None else None)
+
+
+def validation_metrics(exp: Experiment, full: bool = True) -> dict[str, float] | None:
+    """The model as it stands on the validation split (None without one)."""
+    return metrics(exp, exp.validation, full) if exp.validation is not None else None
 
 
 def evaluate_here(exp: Experiment, model: GlobalModel, clients: Sequence[int], full: bool = True) -> Evaluation:
-    """``model`` on the global test set and on each client's split, in this process."""
+    """``model`` on the global test set, the validation split and each client's split, in this process."""
     load_global(exp, model)
-    return Evaluation(metrics(exp, exp.test, full), {c: metrics(exp, exp.clients[c].test, full) for c in clients})
+    on_clients = {c: metrics(exp, exp.clients[c].test, full) for c in clients}
+    return Evaluation(metrics(exp, exp.test, full), on_clients, validation_metrics(exp, full))

@@ -8,15 +8,15 @@ resumed from its last checkpoint, or trained on another engine or with other wor
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedlora import config as cfgmod
-from fedlora import methods, peft_io, tasks
+from fedlora import devices, methods, peft_io, schedule, tasks
 from fedlora.methods.base import ClientInfo, Method, ModelInfo
 from fedlora.tasks import Encoded, Examples, Task, TaskData
 from fedlora.training import TrainSettings
@@ -49,7 +49,9 @@ class ClientData:
 class Experiment:
     """Everything a run needs, built and validated before any training starts. ``metrics``: what the task reports
     for this config (the first is primary); ``baseline``: the task's baseline on the global test set (e.g. the
-    majority-class share), None when the task has none."""
+    majority-class share), None when the task has none; ``validation``: the tokenised validation split (None
+    without one); ``num_labels`` and ``task_info``: what the task recorded about the data (``TaskData``), saved
+    with the adapter."""
 
     cfg: cfgmod.ExperimentConfig
     task: Task
@@ -61,6 +63,9 @@ class Experiment:
     test: Encoded
     ranks: list[int]
     baseline: float | None
+    validation: Encoded | None = None
+    num_labels: int | None = None
+    task_info: Mapping[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
 
     def client_info(self, c: int) -> ClientInfo:
@@ -68,10 +73,11 @@ class Experiment:
         return ClientInfo(c, self.ranks[c], data.task_examples, data.num_examples)
 
 
-def train_settings(cfg: cfgmod.ExperimentConfig) -> TrainSettings:
-    t = cfg.train
-    precision = cfg.model.precision
-    return TrainSettings(t.lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs, precision)
+def train_settings(cfg: cfgmod.ExperimentConfig, rnd: int = 1) -> TrainSettings:
+    """``train.*`` for round ``rnd``: the learning rate follows ``train.lr_schedule``."""
+    t, precision = cfg.train, cfg.model.precision
+    lr = schedule.lr_at(t, rnd, cfg.federation.rounds)
+    return TrainSettings(lr, t.weight_decay, t.max_grad_norm, t.batch_size, t.local_steps, t.local_epochs, precision)
 
 
 def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) -> Experiment:
@@ -80,14 +86,21 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
     ``clients``: tokenise only these clients' splits (a Flower node loads only its own partition, the Flower
     server none); the others keep their example count and empty data. None: every client.
     """
+    peft_io.check_model_available(cfg.model.name)  # before the data loads: a missing model is the common failure
     torch.manual_seed(cfg.seed)
+    device = devices.resolve(cfg.model.device)
     task = tasks.for_config(cfg)
     method = methods.build(cfg.federation.method, cfg.method)
     data = task.load(cfg)
+    if cfgmod.validation_fraction(cfg) and data.validation is None:  # a task that does not carve one
+        raise ValueError(
+            f"data.val_fraction / output.keep = 'best' need a validation split, which this task ({cfg.model.task}"
+            f"{' with data.tasks' if cfg.data.tasks else ''}) does not make yet; use output.keep = 'last'"
+        )
     lora = cfg.model.lora
     ranks = list(lora.ranks) if lora.ranks is not None else [lora.r] * cfg.data.num_clients
     tokenizer = peft_io.load_tokenizer(cfg.model.name)
-    model = _peft_model(cfg, task.base_model(cfg, data), task, max(ranks))
+    model = _peft_model(cfg, task.base_model(cfg, data), task, max(ranks)).to(device)
     info = _model_info(cfg, model, max(ranks), data)
 
     def encode(examples: Examples) -> Encoded:
@@ -100,11 +113,27 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
         tensors = (encode(train), by_length(encode(test))) if c in keep else ({}, {})
         task_examples = train.task_counts() if hasattr(train, "task_counts") else ()
         parts.append(ClientData(*tensors, len(train), task.baseline(test), task_examples))
-    global_test = eval_subsample(data.test, cfg.eval.max_global_examples, derive_seed(cfg.seed, GLOBAL_SAMPLE))
+    global_test = global_test_set(cfg, data)
     metrics = task.metrics(cfg, data)
     baseline = task.baseline(global_test)
     test = by_length(encode(global_test))
-    return Experiment(cfg, task, metrics, method, model, info, parts, test, ranks, baseline, tokenizer)
+    validation = by_length(encode(data.validation)) if data.validation is not None else None
+    return Experiment(
+        cfg,
+        task,
+        metrics,
+        method,
+        model,
+        info,
+        parts,
+        test,
+        ranks,
+        baseline,
+        validation,
+        data.num_labels,
+        dict(data.info or {}),
+        tokenizer,
+    )
 
 
 def _peft_model(cfg: cfgmod.ExperimentConfig, base: torch.nn.Module, task: Task, rank: int) -> Any:
@@ -132,6 +161,12 @@ def _model_info(cfg: cfgmod.ExperimentConfig, model: Any, rank: int, data: TaskD
         scales = {m: peft_io.lora_scale(model, m) for m in info.specs}
         info = replace(info, base_weights=peft_io.base_weights(model), scales=scales)
     return info
+
+
+def global_test_set(cfg: cfgmod.ExperimentConfig, data: Any) -> Examples:
+    """The global held-out test set the run evaluates on: ``data.test`` (``TaskData``), subsampled to
+    ``eval.max_global_examples``."""
+    return eval_subsample(data.test, cfg.eval.max_global_examples, derive_seed(cfg.seed, GLOBAL_SAMPLE))
 
 
 def eval_subsample(examples: Examples, max_examples: int | None, seed: int) -> Examples:

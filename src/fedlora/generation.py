@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
+from fedlora import devices
 from fedlora.training import autocast
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
@@ -53,11 +54,12 @@ def generate(
     )
     model.eval()
     texts: list[str] = []
+    device = devices.of(model)
     for start in range(0, int(prompt_ids.shape[0]), batch_size):
         ids, mask = prompt_ids[start : start + batch_size], prompt_mask[start : start + batch_size]
         first = int(mask.any(0).nonzero()[0]) if mask.any() else 0  # drop columns that are padding in every row
-        ids, mask = ids[:, first:], mask[:, first:]
-        with torch.inference_mode(), autocast(precision):
+        ids, mask = ids[:, first:].to(device), mask[:, first:].to(device)
+        with torch.inference_mode(), autocast(precision, device):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tokenizer if stop else None
             )

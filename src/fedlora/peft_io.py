@@ -138,6 +138,27 @@ def resolve_model_name(name: str) -> str:
     return str(path)
 
 
+def check_model_available(name: str) -> None:
+    """Fail with what to do unless ``name`` is ``fedlora:minilm``, a local directory or a model in the local Hugging
+    Face cache: runs are offline (the command line sets ``HF_HUB_OFFLINE=1``), so nothing is downloaded."""
+    if name.startswith("fedlora:") or Path(name).exists():
+        resolve_model_name(name)
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        cached = None
+    if not isinstance(cached, str):
+        raise FileNotFoundError(
+            f"model.name = {name!r} is neither a local directory nor a model in the local Hugging Face cache, and "
+            "runs are offline (HF_HUB_OFFLINE=1): give a directory saved with save_pretrained, or on a machine with "
+            f"internet run `hf download {name}` and copy its ~/.cache/huggingface here (or set HF_HOME to the copy)"
+        )
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' loading chatter (the progress bar, the load report that lists the new classifier
@@ -437,12 +458,12 @@ def _split_state_dict(
 
 
 def _canonical(A: Tensor, B: Tensor, scale: float) -> LowRank:
-    """PEFT factors -> canonical float32 copies: B̃ = s·B (d, r), A (r, k)."""
-    return LowRank(B.detach().to(torch.float32) * scale, A.detach().to(torch.float32, copy=True))
+    """PEFT factors -> canonical float32 CPU copies (whatever device the model is on): B̃ = s·B (d, r), A (r, k)."""
+    return LowRank(B.detach().to("cpu", torch.float32) * scale, A.detach().to("cpu", torch.float32, copy=True))
 
 
 def _float_copies(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {n: t.detach().to(torch.float32, copy=True) for n, t in sorted(tensors.items())}
+    return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in sorted(tensors.items())}
 
 
 def read_adapter(peft_model: PeftModel) -> tuple[dict[str, LowRank], dict[str, Tensor]]:
@@ -587,6 +608,14 @@ def save_model_adapter(peft_model: PeftModel, path: str | Path) -> None:
         save_file(tensors, str(Path(path) / MIXTURE_FILE), metadata={"format": "pt"})
 
 
+def set_base_model_name(path: str | Path, name: str) -> None:
+    """Record ``name`` as the adapter directory's ``base_model_name_or_path`` (PEFT writes the path the model was
+    loaded from, e.g. a directory inside the virtual environment for a packaged model)."""
+    file = Path(path) / ADAPTER_CONFIG
+    config = _read_config(file)
+    file.write_text(json.dumps(config | {"base_model_name_or_path": name}, indent=2, sort_keys=True) + "\n")
+
+
 def _role(param_name: str, adapter: str) -> str | None:
     """Which fedlora role a parameter of the wrapped model plays: "A", "B", "extra" or None (frozen base)."""
     if f".lora_A.{adapter}." in param_name or param_name.endswith(f"{_HIRA_A_SUFFIX}.{adapter}"):
@@ -649,7 +678,7 @@ def _add_deltas(targets: Iterable[tuple[nn.Module, Tensor]]) -> None:
     with torch.no_grad():
         for layer, delta in targets:
             weight = layer.weight
-            weight.add_((delta.T if isinstance(layer, Conv1D) else delta).to(weight.dtype))
+            weight.add_((delta.T if isinstance(layer, Conv1D) else delta).to(weight.device, weight.dtype))
 
 
 def base_weights(peft_model: PeftModel) -> dict[str, Tensor]:
@@ -659,7 +688,7 @@ def base_weights(peft_model: PeftModel) -> dict[str, Tensor]:
     out = {}
     for m, spec in module_specs(peft_model).items():
         layer = _base_layer(root, m)
-        w = layer.weight.detach().to(torch.float32, copy=True)
+        w = layer.weight.detach().to("cpu", torch.float32, copy=True)
         out[m] = w.T.contiguous() if isinstance(layer, Conv1D) else w
         if tuple(out[m].shape) != (spec.d, spec.k):
             raise ValueError(f"base weight of {m!r} is {tuple(out[m].shape)} in (out, in), expected {(spec.d, spec.k)}")
@@ -844,6 +873,10 @@ def read_adapter_dir(path: str | Path) -> AdapterFile:
     """Read what ``PeftModel.save_pretrained`` writes (adapter_config.json + adapter_model.safetensors); LoRA,
     DoRA and HiRA adapters. Every tensor (factors, head, magnitudes) must be floating-point and finite."""
     directory = Path(path)
+    if not (directory / ADAPTER_CONFIG).exists() and (directory / "adapter" / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{directory} is a run directory, not an adapter directory: its adapter is {directory / 'adapter'}"
+        )
     config = _read_config(directory / ADAPTER_CONFIG)
     weights = directory / ADAPTER_WEIGHTS
     tensors, _ = _load_safetensors(weights)
@@ -925,6 +958,18 @@ def merge_to_base(
     merged.save_pretrained(str(out))
     load_tokenizer(base_model_name_or_path).save_pretrained(str(out))
     return out
+
+
+def load_adapter_dir(model: PreTrainedModel, directory: str | Path) -> PeftModel:
+    """``model`` wrapped with the adapter saved in ``directory`` (module paths matched by ``module_paths``), every
+    tensor checked to have landed (``check_loaded``); for inference (``inference_mode``)."""
+    directory = Path(directory)
+    adapter = read_adapter_dir(directory)
+    where = f"loading {directory}"
+    paths = module_paths(model, [*adapter.adapter, *(n.rsplit(".", 1)[0] for n in adapter.extras)], where)
+    with warnings.catch_warnings():  # the portable name (fedlora:minilm) is resolved to a path on purpose
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.* was renamed", category=UserWarning)
+        return _load_checked(model, directory, adapter, paths, where)
 
 
 def module_paths(model: nn.Module, modules: Sequence[str], where: str) -> dict[str, str]:
@@ -1029,7 +1074,7 @@ class LiveAdapter:
         copy |= {f"{m}{mixmod.ROUTER}": r for m, r in self.routers.items()}
         if self.unfold:
             copy |= {f"{m}{UNFOLDED_B_SUFFIX}": B for m, B in _unfolded_B(self.model).items()}
-        copy = {n: t.detach().to(torch.float32, copy=True) for n, t in copy.items()}
+        copy = {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in copy.items()}
         _remove_cores(self.model, fold=True)
         adapter, extras = read_adapter(self.model)
         return adapter, extras | copy
@@ -1077,7 +1122,8 @@ def _add_cores(peft_model: PeftModel, cores: Mapping[str, Tensor], rank: int) ->
             raise ValueError(
                 f"TrainPlan.cores[{module!r}]: shape {tuple(core.shape)}, expected (r, r) = {(rank, rank)}"
             )
-        parametrize.register_parametrization(layer.lora_B[adapter], "weight", _Core(core))
+        device = layer.lora_B[adapter].weight.device
+        parametrize.register_parametrization(layer.lora_B[adapter], "weight", _Core(core.to(device)))
         out[module] = layer.lora_B[adapter].parametrizations.weight[0].core
     return out
 
@@ -1116,7 +1162,7 @@ def _masked_entries(peft_model: PeftModel, masks: Mapping[str, tuple[Tensor, Ten
                     f"TrainPlan.grad_masks[{module!r}] {factor}: mask shape {tuple(mask.shape)}, expected the "
                     f"parameter's {tuple(param.shape)}"
                 )
-            out.append(_Masked(param, mask.to(torch.bool), param.detach().clone()))
+            out.append(_Masked(param, mask.to(param.device, torch.bool), param.detach().clone()))
     return out
 
 

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora import adapter_card, keep, peft_io
 from fedlora import config as cfgmod
-from fedlora import peft_io
 from fedlora.evaluation import global_model, load_global
 from fedlora.experiment import Experiment
 from fedlora.tracking import Trackers
@@ -48,10 +48,27 @@ def default_run_dir(cfg: cfgmod.ExperimentConfig) -> Path:
 
 
 def check_fresh_dir(run_dir: Path) -> None:
+    """A run may start in ``run_dir``: no run there yet, and writable (checked before anything loads)."""
+    check_writable(run_dir)
     if (run_dir / CHECKPOINT).exists() or (run_dir / METRICS).exists():
         raise FileExistsError(
             f"output.dir = {str(run_dir)!r} already holds a run; choose another output.dir or continue it with "
             f"`fedlora run --resume {run_dir}`"
+        )
+
+
+def check_writable(run_dir: Path) -> None:
+    """``run_dir`` exists as a writable directory, or can be created: its nearest existing ancestor is a writable
+    directory. Nothing is created."""
+    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"output.dir = {str(run_dir)!r}: {existing} is a file, not a directory; choose another output.dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"output.dir = {str(run_dir)!r}: {existing} is not writable by this user (or on a read-only file system); "
+            "choose another output.dir, e.g. output.dir=runs/NAME"
         )
 
 
@@ -152,17 +169,19 @@ def restore_model(exp: Experiment, state: RunState) -> None:
 
 
 def save_outputs(exp: Experiment, run_dir: Path, state: RunState) -> dict[str, Any]:
-    """Final global adapter as a PEFT directory (+ base edits + head), and summary.json."""
-    load_global(exp, global_model(exp, state)[0])
-    edits = exp.method.export(state.server).base_edits
+    """The kept global model (``output.keep``: the last round's, or the best round's) as a PEFT directory (+ base
+    edits + head) that describes itself (``adapter_card``), and summary.json."""
+    model = state.best.model if state.best is not None else global_model(exp, state)[0]
+    load_global(exp, model)
+    summary = summarize(state.records, exp.cfg, exp.metrics[0], exp.task.higher_is_better)
 
     def write_adapter(tmp: Path) -> None:
         peft_io.save_model_adapter(exp.model, tmp)
-        if edits:
-            peft_io.write_base_edits(tmp / "base_edits.safetensors", edits)
+        if model.base_edits:
+            peft_io.write_base_edits(tmp / peft_io.BASE_EDITS_FILE, model.base_edits)
+        adapter_card.describe(tmp, exp, state.records, summary)
 
     stage(run_dir / "adapter", write_adapter)
-    summary = summarize(state.records, exp.cfg, exp.metrics[0], exp.task.higher_is_better)
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
@@ -188,6 +207,7 @@ def summarize(
     summary |= {k.replace("global_", "final_global_", 1): v for k, v in last.items() if _is_global_metric(k, v)}
     return (
         summary
+        | _kept(records, cfg, primary, higher_is_better)
         | {
             f"best_global_{primary}": best[f"global_{primary}"],
             "best_round": best["round"],
@@ -204,6 +224,20 @@ def summarize(
         }
         | ({"epsilon": last["epsilon"], "delta": cfg.privacy.delta} if "epsilon" in last else {})
     )
+
+
+def _kept(
+    records: Sequence[Mapping[str, Any]], cfg: cfgmod.ExperimentConfig, primary: str, higher_is_better: bool
+) -> dict[str, Any]:
+    """``saved_round``: the round whose global model ``adapter/`` holds (``output.keep``); with a validation split,
+    its best value and round (``best_val_<primary>``, ``best_val_round``)."""
+    best = keep.best_record(records, f"val_{primary}", higher_is_better)
+    out: dict[str, Any] = {"keep": cfg.output.keep, "saved_round": records[-1]["round"]}
+    if best is not None:
+        out |= {f"best_val_{primary}": best[f"val_{primary}"], "best_val_round": best["round"]}
+        if cfg.output.keep == "best":
+            out["saved_round"] = best["round"]
+    return out
 
 
 def _is_global_metric(key: str, value: Any) -> bool:

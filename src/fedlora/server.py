@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlora import privacy, screening
+from fedlora import keep, privacy, schedule, screening
 from fedlora.client import ClientOutcome
 from fedlora.evaluation import Evaluation, global_model, scope
 from fedlora.experiment import PRIVACY, SAMPLING, Experiment, derive_seed
@@ -121,6 +121,8 @@ def close_round(
     }
     record = round_record(exp, rnd, outcomes, failed, report, evaluation, full is True, seconds)
     state.records.append(record | extra | _faults(exp, [o.contribution.client for o in outcomes], failed, excluded))
+    if exp.cfg.output.keep == "best":
+        state.best = keep.update(state.best, state.records, model, exp.metrics[0], exp.task.higher_is_better)
     state.next_round = rnd + 1
 
 
@@ -153,6 +155,7 @@ def evaluation_keys(exp: Experiment) -> tuple[str, ...]:
     """The keys of a metrics record that come from evaluation (null where a round did not evaluate them)."""
     p, metrics = exp.metrics[0], exp.metrics
     keys = tuple(f"global_{m}" for m in metrics) + tuple(f"local_{m}" for m in metrics)
+    keys += tuple(f"val_{m}" for m in metrics) if exp.validation is not None else ()
     return (*keys, f"global_{p}_on_local", "local_global_gap", f"clients_local_{p}", f"clients_global_{p}")
 
 
@@ -170,14 +173,15 @@ def round_record(
 
     ``evaluated``: whether the round evaluated fully (``eval.every``, and the last round). Evaluation keys, for each
     metric m of the task (the first is primary, p), null where the round did not evaluate m: ``global_<m>`` (the
-    global model on the held-out test set), ``local_<m>`` (the mean over the round's clients of their own adapter
+    global model on the held-out test set), ``val_<m>`` (on the validation split, when the run has one),
+    ``local_<m>`` (the mean over the round's clients of their own adapter
     on their own split), ``global_<p>_on_local`` (the global model on the same clients' splits),
     ``local_global_gap`` (how much better the clients' own adapters do than the global model on the same splits,
     in the primary metric: local − global when higher is better, global − local when lower is better) and the
     per-client lists. A client missing from the global-on-local results (its evaluation failed on a Flower node)
     is null in ``clients_global_<p>`` and left out of the gap. Baselines beside them when the task has one
     (classification: ``majority_share`` of the global test set, ``local_majority_share`` the mean over the
-    round's clients of their own split's).
+    round's clients of their own split's). ``lr``: the round's learning rate (``train.lr_schedule``).
     """
     clients = [o.contribution.client for o in outcomes]
     record: dict[str, Any] = {"round": rnd, "evaluated": full}
@@ -197,6 +201,7 @@ def round_record(
         "bytes_up": sum(report.bytes_up.values()),
         "bytes_down": sum(o.bytes_down for o in outcomes),
         "train_loss": float(np.mean([o.train_loss for o in outcomes])),
+        "lr": schedule.lr_at(exp.cfg.train, rnd, exp.cfg.federation.rounds),
         "clients": clients,
         "failed_clients": dict(failed),
         "seconds": sum(seconds.values()),
@@ -217,6 +222,7 @@ def _evaluation_values(
     local = [dict(o.local or {}) for o in outcomes]
     glob = [dict(evaluation.clients.get(o.contribution.client) or {}) for o in outcomes]
     values |= {f"global_{m}": v for m, v in evaluation.test.items()}
+    values |= {f"val_{m}": v for m, v in (evaluation.validation or {}).items()}
     values |= {f"local_{m}": _mean([lo.get(m) for lo in local]) for m in exp.metrics if any(m in lo for lo in local)}
     if not any(p in lo for lo in local):  # the primary metric was not evaluated this round
         return values

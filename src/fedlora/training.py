@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedlora import peft_io
+from fedlora import devices, peft_io
 from fedlora.types import FEATURE_MEAN, FEATURE_VAR, Adapter, Regularizer, TrainPlan
 
 Encoded = Mapping[str, Tensor]
@@ -58,11 +58,18 @@ class TrainResult:
     seconds: float
 
 
-def autocast(precision: str) -> torch.autocast:
-    """The forward-pass context of ``model.precision``: bfloat16 autocast for ``bf16``, a no-op for ``fp32``."""
+def autocast(precision: str, device: torch.device | str = "cpu") -> torch.autocast:
+    """The forward-pass context of ``model.precision`` on ``device`` (the model's): bfloat16 autocast for
+    ``bf16``, a no-op for ``fp32``."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"model.precision = {precision!r}: expected 'fp32' or 'bf16'")
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A batch on the model's device (the tokenised data stays on the CPU; a no-op there)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
@@ -118,10 +125,11 @@ def train_client(
     model.train()
     stream = batches(data, settings.batch_size, torch.Generator().manual_seed(seed))
     steps = num_steps(settings, int(data["input_ids"].shape[0]))
+    device = devices.of(model)
     total = 0.0
     for _ in range(steps):
-        with autocast(settings.precision):
-            loss = loss_fn(model, next(stream))
+        with autocast(settings.precision, device):
+            loss = loss_fn(model, to_device(next(stream), device))
         if plan.regularizer is not None:
             loss = loss + penalty(live.factors(), plan.regularizer)
         optimizer.zero_grad(set_to_none=True)
@@ -145,12 +153,12 @@ def feature_statistics(model: nn.Module, data: Encoded, precision: str) -> dict[
     their last hidden state mean-pooled over the attended tokens, under the model as it stands (evaluation mode,
     float32 sums)."""
     model.eval()
-    n = int(data["input_ids"].shape[0])
+    n, device = int(data["input_ids"].shape[0]), devices.of(model)
     total: Tensor | float = 0.0
     squares: Tensor | float = 0.0
     for start in range(0, n, FEATURE_BATCH):
-        batch = trim({k: v[start : start + FEATURE_BATCH] for k, v in data.items()})
-        with autocast(precision), peft_io.task_routing(model, batch.get("task")):
+        batch = to_device(trim({k: v[start : start + FEATURE_BATCH] for k, v in data.items()}), device)
+        with autocast(precision, device), peft_io.task_routing(model, batch.get("task")):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (out.hidden_states[-1].float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -158,4 +166,4 @@ def feature_statistics(model: nn.Module, data: Encoded, precision: str) -> dict[
         squares = squares + (pooled.double() ** 2).sum(0)
     mean = torch.as_tensor(total) / max(n, 1)
     var = (torch.as_tensor(squares) / max(n, 1) - mean**2).clamp(min=0.0)
-    return {FEATURE_MEAN: mean.float(), FEATURE_VAR: var.float()}
+    return {FEATURE_MEAN: mean.float().cpu(), FEATURE_VAR: var.float().cpu()}

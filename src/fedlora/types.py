@@ -105,10 +105,13 @@ class BaseEdit:
         return set(self.factored) | set(self.dense)
 
     def delta(self, module: str) -> Tensor:
-        """The dense (d, k) delta of one module (edges and tests only)."""
-        if module in self.dense:
-            return self.dense[module]
-        return self.factored[module].dense()
+        """The dense (d, k) delta of one module (edges and tests only): its factored part plus its dense part (an
+        edit read back from a file may hold both, e.g. base edits inherited by ``fedlora aggregate`` and its own)."""
+        parts = [self.factored[module].dense()] if module in self.factored else []
+        parts += [self.dense[module]] if module in self.dense else []
+        if not parts:
+            raise KeyError(f"base edit version {self.version} has no module {module!r}")
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1].to(parts[0].dtype)
 
 
 @dataclass(frozen=True)
@@ -251,10 +254,12 @@ class AggregationReport:
 @dataclass
 class RunState:
     """Where a run stands, and what a checkpoint holds: the next round, the method's server state, the client
-    states the server keeps (in process: every client's; on Flower: None, or what nodes report), and the metrics
-    records so far. Mutable: the engines advance it round by round."""
+    states the server keeps (in process: every client's; on Flower: None, or what nodes report), the metrics
+    records so far, and with ``output.keep = "best"`` the best round's global model. Mutable: the engines advance
+    it round by round."""
 
     next_round: int
     server: Any
     clients: dict[int, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
+    best: Any = None  # output.keep = "best": the best round so far and its global model (fedlora.keep.Best)

@@ -38,12 +38,15 @@ class Examples(Protocol):
 @dataclass(frozen=True)
 class TaskData:
     """A federated dataset as a task prepared it: the global held-out test split, each client's (train, test)
-    splits, and what the model head needs (``num_labels`` for classification, None otherwise)."""
+    splits, what the model head needs (``num_labels`` for classification, None otherwise), what the task wants
+    recorded with a saved adapter (``info``, JSON-ready: e.g. ``label_names``) and the validation split carved
+    from the training data before partitioning (None unless ``data.val_fraction`` or ``output.keep = "best"``)."""
 
     test: Examples
     clients: list[tuple[Examples, Examples]]
     num_labels: int | None = None
     info: Mapping[str, Any] | None = None
+    validation: Examples | None = None
 
 
 class Task(Protocol):
@@ -78,6 +81,18 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, data: Encoded, tokenizer: Any, cfg: Any, full: bool) -> Sums: ...
 
     def finish(self, sums: Sums) -> dict[str, float]: ...
+
+    def load_examples(self, cfg: Any, source: str, info: Mapping[str, Any]) -> Examples:
+        """Every example of a data source (``fedlora eval --data``), encoded as the run's were: ``info`` is what
+        ``load`` recorded (``TaskData.info``, saved with the adapter), e.g. the label names."""
+        ...
+
+    def predict(
+        self, model: nn.Module, tokenizer: Any, texts: list[str], cfg: Any, info: Mapping[str, Any]
+    ) -> list[dict]:
+        """One JSON-ready output per text, in order, computed in batches (``fedlora predict``): for classification
+        ``label`` and ``probabilities``; for generation the generated ``text``."""
+        ...
 
 
 def add_sums(parts: Sequence[Sums]) -> Sums:

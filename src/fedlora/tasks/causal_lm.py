@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlora import data as datamod
-from fedlora import generation, instructions, peft_io, sandbox
+from fedlora import devices, generation, instructions, peft_io, sandbox
+from fedlora.config import validation_fraction
 from fedlora.data import DataError
 from fedlora.instructions import Instructions, Message
 from fedlora.tasks import register
 from fedlora.tasks.base import Encoded, Sums, TaskData
-from fedlora.training import autocast, trim
+from fedlora.training import autocast, to_device, trim
 
 EVAL_BATCH = 16
 IGNORE = -100
@@ -81,10 +82,26 @@ class CausalLM:
             )
         held_out = None if d.eval_dataset is None else _load(cfg, d.eval_dataset, "data.eval_dataset")
         test_fraction = d.test_fraction if held_out is None else 0.0
-        fed = datamod.federate_as_configured(ds, cfg, test_fraction, stratify=d.partition_by is not None)
+        fed = datamod.federate_as_configured(
+            ds, cfg, test_fraction, stratify=d.partition_by is not None, val_fraction=validation_fraction(cfg)
+        )
         test = held_out if held_out is not None else fed.test
         info = {"groups": list(ds.label_names), "generation": test.generation, "train_generation": ds.generation}
-        return TaskData(test, list(fed.clients), None, info)  # type: ignore[arg-type]
+        return TaskData(test, list(fed.clients), None, info, fed.validation)  # type: ignore[arg-type]
+
+    def load_examples(self, cfg: Any, source: str, info: Mapping[str, Any]) -> Instructions:
+        """Every example of ``source`` (a packaged set or an instruction file, read as ``data.dataset`` is)."""
+        return _load(cfg, source, "--data")
+
+    def predict(
+        self, model: nn.Module, tokenizer: Any, texts: list[str], cfg: Any, info: Mapping[str, Any]
+    ) -> list[dict]:
+        """Per text (a user turn, after ``data.system_prompt``), the greedy answer as ``text``: the prompt rendered
+        as in training, ``eval.max_new_tokens`` and ``eval.stop`` as in evaluation."""
+        system = (("system", cfg.data.system_prompt),) if cfg.data.system_prompt is not None else ()
+        prompts = [(*system, ("user", t)) for t in texts]
+        examples = Instructions(prompts, [""] * len(texts), [{"kind": "none"}] * len(texts))
+        return [{"text": a} for a in generated(model, self.encode(examples, tokenizer, cfg), tokenizer, cfg)]
 
     def base_model(self, cfg: Any, data: TaskData) -> nn.Module:
         model = peft_io.load_base_model(cfg.model.name, "causal_lm")
@@ -109,7 +126,8 @@ class CausalLM:
         nll, tokens = 0.0, 0
         for start in range(0, n, EVAL_BATCH):
             batch = trim({k: data[k][start : start + EVAL_BATCH] for k in ("input_ids", "attention_mask", "labels")})
-            with autocast(cfg.model.precision):
+            batch = to_device(batch, devices.of(model))
+            with autocast(cfg.model.precision, devices.of(model)):
                 part, count = response_nll(model, batch)
             nll, tokens = nll + float(part), tokens + count
         sums: Sums = {"n": float(n), "nll": nll, "tokens": float(tokens)}
@@ -308,17 +326,7 @@ def check_output_layer(model: nn.Module) -> None:
 def judged_sums(model: nn.Module, data: Encoded, tokenizer: Any, cfg: Any, metric: str) -> Sums:
     """Greedy generations judged (exact match or pass@1): ``<metric>:correct`` and ``<metric>:n``, overall and per
     report group (``<metric>:correct:<group>``)."""
-    e = cfg.eval
-    texts = generation.generate(
-        model,
-        tokenizer,
-        data["prompt_ids"],
-        data["prompt_mask"],
-        max_new_tokens=e.max_new_tokens,
-        stop=e.stop,
-        batch_size=e.generation_batch_size,
-        precision=cfg.model.precision,
-    )
+    texts = generated(model, data, tokenizer, cfg)
     sums: Sums = {}
     for text, meta in zip(texts, decode_meta(data["meta"]), strict=True):
         correct = float(_judge(text, meta["ref"]))
@@ -328,6 +336,21 @@ def judged_sums(model: nn.Module, data: Encoded, tokenizer: Any, cfg: Any, metri
             sums[f"{metric}:correct{suffix}"] = sums.get(f"{metric}:correct{suffix}", 0.0) + correct
             sums[f"{metric}:n{suffix}"] = sums.get(f"{metric}:n{suffix}", 0.0) + 1.0
     return sums
+
+
+def generated(model: nn.Module, data: Encoded, tokenizer: Any, cfg: Any) -> list[str]:
+    """The greedy answers to the encoded prompts, with ``eval.max_new_tokens``, ``eval.stop`` and the batch size."""
+    e = cfg.eval
+    return generation.generate(
+        model,
+        tokenizer,
+        data["prompt_ids"],
+        data["prompt_mask"],
+        max_new_tokens=e.max_new_tokens,
+        stop=e.stop,
+        batch_size=e.generation_batch_size,
+        precision=cfg.model.precision,
+    )
 
 
 def _judge(text: str, ref: Mapping[str, str]) -> bool:

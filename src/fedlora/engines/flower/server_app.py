@@ -44,7 +44,7 @@ from fedlora import rundir, server, tracking
 from fedlora.client import ClientOutcome
 from fedlora.engines.flower import records
 from fedlora.engines.flower.client_app import CONFIG, TASK
-from fedlora.evaluation import Evaluation, load_global, metrics
+from fedlora.evaluation import Evaluation, load_global, metrics, validation_metrics
 from fedlora.experiment import Experiment, build
 from fedlora.methods.base import GlobalModel
 from fedlora.types import Contribution, Payload, RunState
@@ -163,9 +163,10 @@ class FlowerRound:
         return outcomes, failed
 
     def evaluate(self, exp: Experiment, model: GlobalModel, clients: Sequence[int], full: bool) -> Evaluation:
-        """``model`` on the server's held-out test set and, through the nodes, on each client's own split."""
+        """``model`` on the server's held-out test set and validation split and, through the nodes, on each
+        client's own split."""
         load_global(exp, model)
-        test = metrics(exp, exp.test, full)
+        test, validation = metrics(exp, exp.test, full), validation_metrics(exp, full)
         messages = {}
         for c in clients:
             tensors = dict(records.pack_global(model, self.base_version.get(c, 0)))
@@ -178,7 +179,7 @@ class FlowerRound:
                 continue
             values = reply.content.metric_records["metrics"]
             on_local[c] = {k: float(values[k]) for k in exp.metrics if k in values}
-        return Evaluation(test, on_local)
+        return Evaluation(test, on_local, validation)
 
     def metrics(self) -> dict[str, Any]:
         """Flower message bytes of the train exchange (clients that answered), each way: full encoding

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import config as cfgmod
-from fedlora import rundir, server, tracking
+from fedlora import devices, rundir, server, tracking
 from fedlora.client import ClientOutcome, client_round
 from fedlora.engines.inprocess.workers import EvalTask, TrainTask, WorkerPool
 from fedlora.evaluation import Evaluation, collect, evaluate_here, targets
@@ -105,11 +105,15 @@ def _pool_evaluator(pool: WorkerPool) -> server.Evaluate:
 
 
 def num_workers(cfg: cfgmod.ExperimentConfig) -> int:
-    """``federation.workers``, or automatically min(2, CPU cores) when more than one client trains per round."""
+    """``federation.workers``, or automatically: min(2, CPU cores) when more than one client trains per round on
+    the CPU; 0 on a GPU, where the clients share the one model in this process (its adapter swapped per client)
+    rather than hold a copy of the model per worker in the GPU's memory."""
     if cfg.federation.workers is not None:
         return cfg.federation.workers
     per_round = cfg.federation.clients_per_round or cfg.data.num_clients
-    return min(2, os.cpu_count() or 1) if per_round > 1 else 0
+    if per_round == 1 or devices.shares_one_model(cfg.model.device):
+        return 0
+    return min(2, os.cpu_count() or 1)
 
 
 @contextlib.contextmanager
