@@ -4,17 +4,17 @@ Performance in (Private) Federated LoRA Fine-Tuning", arXiv 2502.15436): LoRA-SB
 Every adapted module applies ΔW = s·B·R·A with B (d×r) and A (r×k) fixed, shared by every client and never
 trained; only the r×r matrix R trains and travels. In canonical form (s folded into B̃ = s·B) the round is
 
-    client u:  R_u ← local training of R from R̄_t (A, B̃ frozen),  uploads R_u and its head
-    server:    R̄_{t+1} = Σ_u w_u R_u,   ΔW_{t+1} = B̃ R̄_{t+1} A = Σ_u w_u B̃ R_u A     (exact: B̃, A are common)
+    R̄_{t+1} = Σ_u w_u R_u,   ΔW_{t+1} = B̃ R̄_{t+1} A = Σ_u w_u B̃ R_u A
 
-so the aggregate is the weighted mean of the clients' dense updates, and the server step is a plain weighted sum
+where client u trained R_u from R̄_t with A and B̃ frozen and uploads R_u and its head. B̃ and A are common, so the
+aggregate is the weighted mean of the clients' dense updates, and the server step is a plain weighted sum
 of the uploads (secure aggregation and central DP apply as they are).
 
 Initialisation. The paper (LoRA-SB's "initialisation using update approximation") takes the truncated SVD of an
-approximation of the first full fine-tuning step, ΔW_1 ≈ −η·sign(Σ_batch ∇_W L) = U_r S_r V_rᵀ, and sets
-B = U_r, A = V_rᵀ, R0 = S_r/s. That needs gradients of the full weights on training data, which the server does
-not have (``ModelInfo`` carries shapes, the head and the frozen base weights). fedlora's reading
-(``method.init``):
+approximation of the first full fine-tuning step, ΔW_1 ≈ −η·sign(Σ_batch ∇_W L) = U_r S_r V_rᵀ in the code, and sets
+B = U_r, A = V_rᵀ and R0 from S_r (the model starts one approximated step ahead). That needs gradients of the
+full weights on training data, which the server does not have (``ModelInfo`` carries shapes, the head and the
+frozen base weights). fedlora's reading (``method.init``):
 
 - ``"weight_svd"`` (default): the same orthonormal structure from what the server has, the truncated SVD of the
   frozen base weight W0 = U S Vᵀ: B = U_r, A = V_rᵀ (the principal subspaces of W0, as LoRA-XS, which the official
