@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import tiny_peft
-from fedlora import methods, peft_io, training
+from fedlora import faults, methods, peft_io, privacy, screening, training
 from fedlora.methods.base import ClientInfo, ModelInfo, ModuleSpec
 from fedlora.methods.fed_sb import FedSBParams
-from fedlora.payload import unpack_extras
+from fedlora.payload import reference_tensors, unpack_extras
 from fedlora.types import CORE_SUFFIX, Contribution, LowRank, Payload
 from test_client_side_methods import A_BYTES, B_BYTES, HEAD0, HEAD_BYTES, SCALE, SHAPES, W3, R, keys_of, play
 from test_multitask_methods import _data, _loss
@@ -152,6 +152,40 @@ def test_registered_with_capabilities():
     assert methods.make_params("fed_sb") == FedSBParams("weight_svd")
 
 
+def test_uploaded_cores_are_measured_against_the_global_core_for_screening_dp_and_faults():
+    """The reference of a round is (B̃R̄, A), the head and R̄ as lora.<m>.C: an upload's change is R_u − R̄ (plus its
+    head's change), central DP clips that change and the Fed-SB server step then averages the clipped cores."""
+    method, server = start()
+    states = {}
+    server, _, _ = play(method, server, states, 1, W3, train=train_core)  # R̄ ≠ 0 from here on
+    g = method.export(server)
+    reference = reference_tensors(g.adapter, g.extras, g.cores)
+    assert all(torch.equal(reference[f"lora.{m}.C"], server.R[m]) for m in SHAPES)
+    _, _, log = play(method, server, dict(states), 2, W3, train=train_core)
+    contribs = [Contribution(c, w, log[c]["up"]) for c, w in W3.items()]
+    for c in W3:
+        t = log[c]["up"].tensors
+        want = sum(float((t[f"lora.{m}.C"].double() - server.R[m].double()).norm()) ** 2 for m in SHAPES)
+        want += sum(float((t[n].double() - reference[n].double()).norm()) ** 2 for n in t if n.startswith("extra."))
+        assert screening.update_norm(t, reference) == pytest.approx(math.sqrt(want), rel=1e-9)
+    clip = 0.5 * min(screening.update_norm(c.payload.tensors, reference) for c in contribs)
+    done = privacy.privatize(contribs, reference, clip_norm=clip, noise_multiplier=0.0, seed=0)
+    new, _ = method.aggregate(server, done.contributions, 2)
+    for m in SHAPES:
+        want = server.R[m].double() + sum(
+            c.weight * (clip / done.norms[c.client]) * (c.payload.tensors[f"lora.{m}.C"].double() - server.R[m])
+            for c in contribs
+        )
+        assert torch.allclose(new.R[m].double(), want, atol=1e-6)
+    # a client's fault scales its core's change from the core it started from
+    plan = log[0]["plan"]
+    start_tensors = reference_tensors(plan.adapter, plan.extras, plan.cores)
+    scaled = faults.corrupt("scale:3", log[0]["up"], start_tensors, seed=0).tensors
+    for m in SHAPES:
+        moved = log[0]["up"].tensors[f"lora.{m}.C"].double() - plan.cores[m].double()
+        assert torch.allclose(scaled[f"lora.{m}.C"].double(), plan.cores[m].double() + 3 * moved, atol=1e-5)
+
+
 # ---- the PEFT edge: only R moves --------------------------------------------------------------------------------
 
 
@@ -217,3 +251,14 @@ def test_fed_sb_two_clients_two_rounds_on_minilm(rt_csv, tmp_path):
     saved = peft_io.read_adapter_dir(run_dir / "adapter").adapter
     for lr in saved.values():
         assert torch.allclose(lr.A @ lr.A.T, torch.eye(R8), atol=1e-5) and float(lr.B.abs().max()) > 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_fed_sb_under_central_dp_and_norm_screening_on_minilm(rt_csv, tmp_path):
+    extra = ["federation.method=fed_sb", "privacy.mechanism=central_dp", "privacy.noise_multiplier=0.1"]
+    _, records = run_tiny(rt_csv, tmp_path, *extra, "federation.screen=norm", "method.init=random")
+    for r in records:
+        assert math.isfinite(r["epsilon"]) and r["dp_noise_std"] > 0 and not r["failed_clients"]
+        assert all(math.isfinite(v) for v in r["dp_update_norms"].values())
+        assert math.isfinite(r["global_loss"])

@@ -214,9 +214,10 @@ class FedSB:
         return new, replace(report, bytes_up=bytes_up, bytes_down=bytes_down)
 
     def export(self, state: SBState) -> GlobalModel:
-        """The plain LoRA adapter (B̃ R̄, A) that applies B̃ R̄ A, and the averaged head."""
+        """The plain LoRA adapter (B̃ R̄, A) that applies B̃ R̄ A, the averaged head, and R̄ itself (``cores``: what
+        uploaded cores are compared with by screening and central DP)."""
         adapter = {m: applied_update(lr, state.R[m]) for m, lr in state.frozen.items()}
-        return GlobalModel(adapter, state.extras or {}, ())
+        return GlobalModel(adapter, state.extras or {}, (), cores=dict(state.R))
 
     # ---- client ---------------------------------------------------------------------------------------------
     def init_client(self, client: ClientInfo) -> SBClient:
