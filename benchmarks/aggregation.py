@@ -48,10 +48,11 @@ from torch import Tensor
 from fedlora import methods
 from fedlora.coefficients import solve_adam
 from fedlora.methods.base import Aggregated, measure, target_weights
+from fedlora.methods.fed_sb import applied_update, average_cores
 from fedlora.methods.fedsvd import fedsvd_step
 from fedlora.types import Adapter, AggregationReport, LowRank, ModuleError
 
-METHODS = ("fedit", "flora_na", "flora", "fedex_lora", "flexlora", "hetlora", "fedrot_lora", "fedsvd")
+METHODS = ("fedit", "flora_na", "flora", "fedex_lora", "flexlora", "hetlora", "fedrot_lora", "fedsvd", "fed_sb")
 REGIMES = ("lora", "gauge")
 MODULE = "layer"
 CORE_RATIO = 0.8  # where fedlora.linalg switches from the QR core to a dense SVD; used here for the e_EY reference
@@ -520,12 +521,13 @@ def flexlora_excess(
     }
 
 
-# ---- FedRot-LoRA and FedSVD: server steps that also need the pair the clients started from ----------------------
-# A self-contained block: the two rules take the previous global pair (FedRot-LoRA's alignment reference, FedSVD's
-# frozen A), so they are measured here with their own inputs and dense routes; run_config and warm_up dispatch to
-# measure_new_wave for them. The stand-in for the previous global pair is FedIT's mean of the configuration's
-# underlying (lora-regime) clients; FedRot-LoRA runs its round-2 step (align A), FedSVD its re-factorisation.
-NEW_WAVE = ("fedrot_lora", "fedsvd")
+# ---- FedRot-LoRA, FedSVD and Fed-SB: server steps that also need the pair the clients started from -------------
+# A self-contained block: the rules take the previous global pair (FedRot-LoRA's alignment reference, FedSVD's
+# frozen A, Fed-SB's frozen B̃ and A), so they are measured here with their own inputs and dense routes; run_config
+# and warm_up dispatch to measure_new_wave for them. The stand-in for the previous global pair is FedIT's mean of the
+# configuration's underlying (lora-regime) clients; FedRot-LoRA runs its round-2 step (align A), FedSVD its
+# re-factorisation, Fed-SB its core average with the pair orthonormalised and each client's update projected onto it.
+NEW_WAVE = ("fedrot_lora", "fedsvd", "fed_sb")
 
 
 def rotated_clients(clients: Sequence[LowRank], gen: torch.Generator) -> list[LowRank]:
@@ -568,6 +570,19 @@ def dense_fedsvd(Bs: Sequence[Tensor], A: Tensor, w: Tensor) -> tuple[Tensor, Te
     return U[:, :r] * S[:r], Vh[:r]
 
 
+def fed_sb_inputs(clients: Sequence[LowRank], ref: LowRank) -> tuple[LowRank, list[Tensor]]:
+    """Fed-SB's frozen pair (B̃, A) = orthonormal bases of the reference's column and row spaces, and per client the
+    r×r core R_u = B̃ᵀ B_u A_u Aᵀ (its update projected onto the pair; setup, not timed)."""
+    Qb, _ = torch.linalg.qr(ref.B)
+    Qa, _ = torch.linalg.qr(ref.A.T)
+    return LowRank(Qb, Qa.T.contiguous()), [(Qb.T @ c.B) @ (c.A @ Qa) for c in clients]
+
+
+def dense_fed_sb(frozen: LowRank, cores: Sequence[Tensor], w: Tensor) -> Tensor:
+    """The straightforward server: every client's dense update B̃ R_u A (d×k, fp32) formed and averaged."""
+    return sum(float(wu) * (frozen.B @ R @ frozen.A) for wu, R in zip(w, cores, strict=True))  # type: ignore[return-value]
+
+
 def new_wave_case(name: str, clients: Sequence[LowRank], w: Tensor, ref: LowRank) -> tuple[list[Adapter], Any, Any]:
     """(the clients' adapters as the method sees them, its server step, its dense route) for one method."""
     if name == "fedrot_lora":
@@ -576,6 +591,11 @@ def new_wave_case(name: str, clients: Sequence[LowRank], w: Tensor, ref: LowRank
         rule = partial(method.rule, adapters, w, method.params, reference={MODULE: ref}, rnd=2)
         Bs, As = [c.B for c in clients], [c.A for c in clients]
         return adapters, rule, partial(dense_fedrot, Bs, As, w, ref)
+    if name == "fed_sb":
+        frozen, cores = fed_sb_inputs(clients, ref)
+        adapters = [{MODULE: applied_update(frozen, R)} for R in cores]
+        step = lambda: Aggregated({MODULE: applied_update(frozen, average_cores(cores, w))})  # noqa: E731
+        return adapters, step, partial(dense_fed_sb, frozen, cores, w)
     adapters = [{MODULE: LowRank(c.B, ref.A)} for c in clients]  # FedSVD: every client trained B with the same A
     step = partial(fedsvd_step, [{MODULE: c.B} for c in clients], w, {MODULE: ref.A}, True)
     return adapters, lambda: Aggregated(step()), partial(dense_fedsvd, [c.B for c in clients], ref.A, w)
@@ -594,11 +614,11 @@ def measure_new_wave(
     Bs, As = [a[MODULE].B for a in adapters], [a[MODULE].A for a in adapters]
     err_t, dense_err = timed(lambda: dense_errors(Bs, As, w, out), opts.repeats, opts.budget)
     row.dense_error_s, row.dense_divergence = err_t.seconds, dense_err[0]
-    if name == "fedrot_lora" or opts.run_dense_svd(cfg):  # FedSVD's dense route is a d×k SVD: capped like FlexLoRA's
+    if name != "fedsvd" or opts.run_dense_svd(cfg):  # FedSVD's dense route is a d×k SVD: capped like FlexLoRA's
         row.dense_rule_s = timed(dense, opts.repeats, opts.budget)[0].seconds
     if name == "fedrot_lora":
         row.extra["aligned"] = bool(out.diagnostics["aligned"][MODULE])
-    else:
+    elif name == "fedsvd":
         A = out.adapter[MODULE].A.double()  # type: ignore[index]
         row.extra["orthonormality"] = float(torch.linalg.matrix_norm(A @ A.T - torch.eye(cfg.r, dtype=F64)))
     row.load_end = load1()

@@ -214,6 +214,7 @@ STATEFUL = [
     ("rolora", []),  # which factor trains follows the round
     ("flasc", ["method.density_up=0.5"]),  # the server optimizer's state
     ("frlora", []),  # the base rewritten every round
+    ("fed_sb", []),  # the frozen shared B̃, A are sent once and kept on the client
 ]
 
 

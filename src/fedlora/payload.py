@@ -119,9 +119,14 @@ def unpack_sparse(tensors: Mapping[str, Tensor], who: str = "payload") -> dict[s
     return {n: (values[n], indices[n].to(torch.int64)) for n in sorted(values)}
 
 
-def reference_tensors(adapter: Adapter | None, extras: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Named tensors of a starting point (a global model, a client's plan): what an upload is compared with."""
-    return (pack_adapter(adapter) if adapter is not None else {}) | pack_extras(extras)
+def reference_tensors(
+    adapter: Adapter | None, extras: Mapping[str, Tensor], cores: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Named tensors of a starting point (a global model, a client's plan): what an upload is compared with. The r×r
+    cores of a tri-factor method (``GlobalModel.cores``, ``TrainPlan.cores``) are named as uploaded cores are,
+    ``lora.<module>.C``, so that an uploaded core is compared with the one it started from."""
+    named_cores = {f"lora.{m}.C": t for m, t in sorted((cores or {}).items())}
+    return (pack_adapter(adapter) if adapter is not None else {}) | pack_extras(extras) | named_cores
 
 
 def leading_block(tensors: Mapping[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor | None:

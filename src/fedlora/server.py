@@ -83,7 +83,7 @@ def close_round(
     """
     t_agg = time.perf_counter()
     start = exp.method.export(state.server)
-    reference = reference_tensors(start.adapter, start.extras)
+    reference = reference_tensors(start.adapter, start.extras, start.cores)
     fed = exp.cfg.federation
     answered = [o.contribution for o in outcomes]
     kept, excluded, norms = screening.screen(answered, exp.info, exp.ranks, reference, fed.screen, fed.screen_z)

@@ -53,6 +53,7 @@ _MODULES = {
     "ce_lora": "ce_lora",
     "fl_tac": "fl_tac",
     "fedlease": "fedlease",
+    "fed_sb": "fed_sb",
 }
 
 

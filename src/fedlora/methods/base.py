@@ -139,12 +139,16 @@ class Capabilities:
 class GlobalModel:
     """The global model a method exports: base edits (in order) + adapter + fully trained tensors (which may
     describe a mixture of experts around the adapter, ``fedlora.mixture``). ``diagnostics``: numbers a method's
-    evaluation-only model measured while it was built (FL-TAC's cluster purity), added to the round's diagnostics."""
+    evaluation-only model measured while it was built (FL-TAC's cluster purity), added to the round's diagnostics.
+    ``cores``: the global r×r cores of a tri-factor method whose clients upload cores (Fed-SB's R̄), already folded
+    into ``adapter``; only the reference uploads are compared with (screening's update norms, central DP's
+    clipping) reads them."""
 
     adapter: Adapter | None
     extras: Mapping[str, Tensor]
     base_edits: tuple[BaseEdit, ...]
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    cores: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 class Method(Protocol):

@@ -269,13 +269,7 @@ class CELoRA:
     def prepare(
         self, client_state: CEClient, download: Payload, client: ClientInfo, rnd: int
     ) -> tuple[TrainPlan, CEClient]:
-        cores = unpack_factors(download.tensors, "C")
-        if not cores:
-            raise ValueError(f"{self.name}: round {rnd} download for client {client.id} lacks lora.<module>.C")
-        A = local_copy(self.name, client, "A", unpack_factors(download.tensors, "A"), client_state.A)
-        B = local_copy(self.name, client, "B", unpack_factors(download.tensors, "B"), client_state.B)
-        if not set(A) == set(B) == set(cores):
-            raise ValueError(f"{self.name}: client {client.id}: the modules of A, B and C differ")
+        A, B, cores = tri_factor_download(self.name, download, client, rnd, client_state.A, client_state.B)
         head = unpack_extras(download.tensors) or dict(client_state.extras or {})
         plan = TrainPlan(
             rank=client.rank,
@@ -299,6 +293,27 @@ class CELoRA:
             tensors |= {STATS[0]: extras[FEATURE_MEAN], STATS[1]: extras[FEATURE_VAR]}
         kept = CEClient({m: lr.A for m, lr in trained.items()}, own_B, cores, head, True)
         return Payload(tensors, {"rank": client.rank}), kept
+
+
+def tri_factor_download(
+    method: str,
+    download: Payload,
+    client: ClientInfo,
+    rnd: int,
+    kept_A: Mapping[str, Tensor] | None,
+    kept_B: Mapping[str, Tensor] | None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """(A, B̃, C) per module for a tri-factor plan: the core from the download, A and B̃ from the download when it
+    carries them (a client's first round) or else the client's kept copies; clear errors when any is missing or
+    the module sets differ. Shared with Fed-SB."""
+    cores = unpack_factors(download.tensors, "C")
+    if not cores:
+        raise ValueError(f"{method}: round {rnd} download for client {client.id} lacks lora.<module>.C")
+    A = local_copy(method, client, "A", unpack_factors(download.tensors, "A"), kept_A)
+    B = local_copy(method, client, "B", unpack_factors(download.tensors, "B"), kept_B)
+    if not set(A) == set(B) == set(cores):
+        raise ValueError(f"{method}: client {client.id}: the modules of A, B and C differ")
+    return A, B, cores
 
 
 def _statistics(method: str, c: Contribution) -> tuple[Tensor, Tensor]:
