@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/evidence-v2}
 core=${CORE_METHODS:-fedit,flora_na,flora,fedex_lora,flexlora,ffa_lora,fedsa_lora}
-rest=${REST_METHODS:-fedrot_lora,fedsvd,rolora,lora_fair,frlora,fedloru,pfedloru,mfedloru,fslora,flasc,hetlora}
+rest=${REST_METHODS:-fedrot_lora,fedsvd,fed_sb,rolora,lora_fair,frlora,fedloru,pfedloru,mfedloru,fslora,flasc,hetlora}
 multitask=${MULTITASK_METHODS:-fedit,fl_tac,fedlease,ce_lora,flora_na,fedsa_lora}
 cells=${CELLS:-1,2,3,4,5,6}
 read -r -a extra <<< "${EXTRA:-}"
