@@ -65,7 +65,8 @@ def client_round(exp: Experiment, download: Payload, client_state: Any, c: int, 
     local = exp.task.finish(add_sums(parts)) if full is not None else None
     trained, extras = _outputs(results, single=isinstance(plan, TrainPlan))
     upload, client_state = exp.method.upload(client_state, trained, extras, info, rnd)
-    start = reference_tensors(plan.adapter, plan.extras, plan.cores) if isinstance(plan, TrainPlan) else None
+    # several plans upload under slot prefixes no plan names: their faults measure from zero, as faults.py documents
+    start = reference_tensors(plan.adapter, plan.extras, plan.cores) if isinstance(plan, TrainPlan) else {}
     upload = faults.corrupt(fault, upload, start, derive_seed(exp.cfg.seed, FAULTS, rnd, c))
     contribution = Contribution(c, float(data.num_examples), upload)
     loss = sum(r.loss * r.steps for r in results) / max(sum(r.steps for r in results), 1)
