@@ -32,7 +32,10 @@ def test_load_config_takes_sections_top_level_and_dotted_keys():
 
 @pytest.mark.integration
 def test_run_and_compare_return_what_the_run_directories_hold(rt_csv, tmp_path):
-    small = {"data": {"dataset": str(rt_csv), "num_clients": 2, "max_length": 32}, "federation": {"rounds": 1}}
+    small = {
+        "data": {"dataset": str(rt_csv), "num_clients": 2, "max_length": 32},
+        "federation": {"rounds": 1, "workers": 0},
+    }
     small |= {"train": {"local_steps": 1, "batch_size": 8}}
     result = fedlora.run(None, output={"dir": str(tmp_path / "run")}, **small)
     assert result.summary == json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -108,7 +108,6 @@ def _fl_tac_checks(records: list[dict]) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.xdist_group("flower")
 @pytest.mark.timeout(1500)
 def test_fl_tac_on_flower_simulation_matches_the_in_process_engine(two_tasks, tmp_path):
     """One adapter per local task, clustered on the server; the nodes report their adapters' tasks for the

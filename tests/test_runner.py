@@ -126,7 +126,7 @@ def test_runs_killed_inside_writes_and_at_a_random_moment_resume_to_the_uninterr
         f"data.dataset={rt_csv}",
         "data.num_clients=3",
         "data.max_length=32",
-        "federation.rounds=3",
+        "federation.rounds=2",
         "train.local_steps=2",
         "train.batch_size=8",
         "federation.method=fedex_lora",
@@ -149,7 +149,8 @@ def test_compare_and_plot(rt_csv, tmp_path):
     res = cli.invoke(
         app,
         ["compare", "--methods", "fedit,flora_na", "--out", str(out), f"data.dataset={rt_csv}"]
-        + ["data.num_clients=2", "federation.rounds=1", "train.local_steps=1", "data.max_length=32"],
+        + ["data.num_clients=2", "federation.rounds=1", "train.local_steps=1", "data.max_length=32"]
+        + ["federation.workers=0"],
     )
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "fedit" / "summary.json").read_text())
@@ -169,7 +170,7 @@ def test_compare_and_plot(rt_csv, tmp_path):
     # --resume keeps the finished runs and runs only what is missing; a changed config is refused
     kept = (out / "fedit" / "metrics.jsonl").stat().st_mtime_ns
     args = ["--out", str(out), "--resume", f"data.dataset={rt_csv}", "data.num_clients=2", "federation.rounds=1"]
-    args += ["train.local_steps=1", "data.max_length=32"]
+    args += ["train.local_steps=1", "data.max_length=32", "federation.workers=0"]
     res = cli.invoke(app, ["compare", "--methods", "fedit,flora_na,fedex_lora", *args])
     assert res.exit_code == 0, res.output
     assert (out / "fedit" / "metrics.jsonl").stat().st_mtime_ns == kept
@@ -223,11 +224,12 @@ STATEFUL = [
 def test_stateful_methods_give_the_same_results_on_workers_and_across_a_resume(
     rt_csv, tmp_path, monkeypatch, method, extra
 ):
-    """Client and server state survive the worker processes and the checkpoint: 2 rounds in the main process
-    equal 2 rounds on two workers that stop after round 1 and resume from the saved state."""
+    """Client and server state survive the worker processes and the checkpoint: 2 rounds on two worker processes
+    equal 2 rounds in the main process that stop after round 1 and resume from the saved state (one worker pool
+    per method: the pools' start-up is what this test costs)."""
     args = [f"federation.method={method}", *extra]
-    plain, _ = engines.run(tiny_config(rt_csv, tmp_path / "plain", *args), tmp_path / "plain")
-    cfg = tiny_config(rt_csv, tmp_path / "resumed", *args, "federation.workers=2")
+    plain, _ = engines.run(tiny_config(rt_csv, tmp_path / "plain", *args, "federation.workers=2"), tmp_path / "plain")
+    cfg = tiny_config(rt_csv, tmp_path / "resumed", *args)
     real_round = inprocess.run_round
 
     def stop_before_round_2(exp, state, rnd, *a, **k):
