@@ -370,7 +370,7 @@ def test_an_in_process_run_survives_raising_hanging_nan_and_scaled_clients(rt_cs
         "data.partition=iid",
         "federation.screen=norm",
         "federation.workers=2",
-        "federation.round_timeout=60",
+        "federation.round_timeout=30",
         "federation.rounds=1",
         faulty,
     )
@@ -380,7 +380,7 @@ def test_an_in_process_run_survives_raising_hanging_nan_and_scaled_clients(rt_cs
         assert set(record["excluded_clients"]) == {"3", "4"}
         assert "robust z" in record["excluded_clients"]["3"] and "NaN/Inf" in record["excluded_clients"]["4"]
         assert record["failed_clients"] == {
-            "5": "no reply within federation.round_timeout = 60.0 s",
+            "5": "no reply within federation.round_timeout = 30.0 s",
             "6": "InjectedFault: client 6, round 1: injected failure (faults.clients = 'raise')",
         }
         assert record["faults"] == {"3": "scale:20", "4": "nan", "5": "hang", "6": "raise"}
