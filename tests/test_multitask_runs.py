@@ -130,3 +130,22 @@ def test_fl_tac_on_flower_simulation_matches_the_in_process_engine(two_tasks, tm
         == sim_summary["final_global_accuracy"]
     )
     assert ref_summary["total_bytes_up"] == sim_summary["total_bytes_up"]
+
+
+@pytest.mark.integration
+def test_fl_tac_client_with_a_scale_fault_is_scaled_not_crashed(two_tasks, tmp_path):
+    """An FL-TAC client uploads several adapters under slot prefixes that no single plan names; a simulated
+    ``scale`` fault on it multiplies its uploads (measured from zero) and the round goes on."""
+    args = ["federation.method=fl_tac", "federation.rounds=1"]
+    clean_dir, _ = engines.run(tiny(two_tasks, tmp_path / "clean", *args), tmp_path / "clean")
+    faulty = tiny(two_tasks, tmp_path / "faulty", *args, 'faults.clients={1 = "scale:50"}')
+    faulty_dir, _ = engines.run(faulty, tmp_path / "faulty")
+    (clean,), (record,) = read_records(clean_dir), read_records(faulty_dir)
+    assert record["faults"] == {"1": "scale:50"} and record["clients"] == clean["clients"] == [0, 1, 2]
+    assert record["failed_clients"] == {}
+    a = load_file(clean_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(faulty_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    lora = [k for k in a if "lora_B" in k]
+    # the same seed and clients: without the fault the adapters would be equal (0.27 here with it)
+    assert lora and max((b[k] - a[k]).norm() / a[k].norm().clamp_min(1e-12) for k in lora) > 0.05
