@@ -33,6 +33,20 @@ def test_every_registered_method_is_named(page):
     assert not missing, f"{page} does not name the registered methods {missing}"
 
 
+def test_the_privacy_table_gives_every_method_its_secure_aggregation_and_reason():
+    """docs/reliability.md's table of which methods work under secure aggregation and central DP: every registered
+    method in exactly one row, its "yes"/"no" as its capabilities say, and the reason of each "no" verbatim."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    rows = re.findall(r"^\| ([a-z_, ]+) \| (yes|no) \| (yes[^|]*|no) \| ([^|]*)\|$", text, flags=re.MULTILINE)
+    listed = {m.strip(): (secure, why.strip()) for names, secure, _, why in rows for m in names.split(",")}
+    assert sorted(listed) == sorted(methods.available())
+    assert sum(len(names.split(",")) for names, *_ in rows) == len(listed)  # no method in two rows
+    for m, (secure, why) in listed.items():
+        caps = methods.capabilities(m)
+        assert (secure == "yes") == caps.secure_aggregation, m
+        assert why == caps.not_a_sum, m
+
+
 def test_every_config_key_is_documented():
     text = (ROOT / "docs" / "configuration.md").read_text()
     missing = [k for k in leaf_keys(config.ExperimentConfig) if k != "method" and f"`{k}`" not in text]
