@@ -146,12 +146,9 @@ def test_runs_killed_inside_writes_and_at_a_random_moment_resume_to_the_uninterr
 
 def test_compare_and_plot(rt_csv, tmp_path):
     out = tmp_path / "cmp"
-    res = cli.invoke(
-        app,
-        ["compare", "--methods", "fedit,flora_na", "--out", str(out), f"data.dataset={rt_csv}"]
-        + ["data.num_clients=2", "federation.rounds=1", "train.local_steps=1", "data.max_length=32"]
-        + ["federation.workers=0"],
-    )
+    settings = [f"data.dataset={rt_csv}", "data.num_clients=2", "federation.rounds=1", "train.local_steps=1"]
+    settings += ["data.max_length=32", "federation.workers=0"]
+    res = cli.invoke(app, ["compare", "--methods", "fedit,flora_na", "--out", str(out), *settings])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "fedit" / "summary.json").read_text())
     assert f"scores {summary['majority_share']:.4f}" in res.output  # the baseline beside the accuracies
@@ -169,8 +166,7 @@ def test_compare_and_plot(rt_csv, tmp_path):
 
     # --resume keeps the finished runs and runs only what is missing; a changed config is refused
     kept = (out / "fedit" / "metrics.jsonl").stat().st_mtime_ns
-    args = ["--out", str(out), "--resume", f"data.dataset={rt_csv}", "data.num_clients=2", "federation.rounds=1"]
-    args += ["train.local_steps=1", "data.max_length=32", "federation.workers=0"]
+    args = ["--out", str(out), "--resume", *settings]  # the same settings: only the method list grows
     res = cli.invoke(app, ["compare", "--methods", "fedit,flora_na,fedex_lora", *args])
     assert res.exit_code == 0, res.output
     assert (out / "fedit" / "metrics.jsonl").stat().st_mtime_ns == kept
