@@ -99,6 +99,54 @@ def test_identical_configs_are_labelled_by_directory_with_a_warning(tmp_path):
     assert str(runs[0]) in plotted.warnings[0] and str(runs[1]) in plotted.warnings[0]
 
 
+def record_keys(run: Path, toml: str) -> Path:
+    """Add config tables to a run, as a newer fedlora version records options an older one lacked."""
+    run.joinpath("config.toml").write_text(run.joinpath("config.toml").read_text() + "\n" + toml)
+    return run
+
+
+def test_keys_only_newer_runs_record_are_not_differences(tmp_path):
+    old = write_run(tmp_path / "old", "fedit")
+    new = record_keys(write_run(tmp_path / "new", "flora_na"), '[privacy]\nclip = 1.0\n\n[model.extra]\nmode = "x"\n')
+    figs, plotted = draw([old, new], ["accuracy"])
+    assert set(curves(figs["accuracy"].axes[0])) == {"fedit", "flora_na"}
+    (warning,) = plotted.warnings
+    assert "2 config key(s)" in warning and "privacy.clip" in warning and "model.extra.mode" in warning
+
+
+def test_a_key_newer_runs_set_differently_is_still_a_difference(tmp_path):
+    runs = [
+        write_run(tmp_path / "old", "fedit"),
+        record_keys(write_run(tmp_path / "a", "fedit"), "[privacy]\nclip = 1.0\n"),
+        record_keys(write_run(tmp_path / "b", "fedit"), "[privacy]\nclip = 2.0\n"),
+    ]
+    figs, plotted = draw(runs, ["accuracy"])
+    assert set(curves(figs["accuracy"].axes[0])) == {"fedit", "clip=1", "clip=2"}
+    assert plotted.warnings == []
+
+
+def test_seeds_from_different_versions_still_average(tmp_path):
+    runs = [
+        write_run(tmp_path / "s0", seed=0),
+        record_keys(write_run(tmp_path / "s1", seed=1), "[privacy]\nclip = 1.0\n"),
+    ]
+    figs, _ = draw(runs, ["accuracy"])
+    assert set(curves(figs["accuracy"].axes[0])) == {"fedit (mean ± std, 2 seeds)"}
+
+
+def test_long_labels_wrap_inside_the_figure(tmp_path):
+    tables = [f"[k{i}]\nsetting_with_a_long_name = {{v}}\n" for i in range(12)]
+    runs = [record_keys(write_run(tmp_path / f"r{v}"), "\n".join(t.format(v=v) for t in tables)) for v in (1, 2)]
+    figs, _ = draw(runs, ["accuracy"])
+    fig = figs["accuracy"]
+    (legend,) = fig.legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert any(len(t) > fig.get_figwidth() * 14 for t in (s.replace("\n", " ") for s in texts))  # needed wrapping
+    assert all(len(line) <= fig.get_figwidth() * 14 for t in texts for line in t.splitlines())
+    box, frame = legend.get_window_extent(), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
+
+
 def test_seeds_of_one_config_become_mean_and_std(tmp_path):
     values = [[0.50, 0.60], [0.54, 0.70], [0.58, 0.65]]
     runs = [write_run(tmp_path / f"s{s}", seed=s, accuracy=v) for s, v in enumerate(values)]

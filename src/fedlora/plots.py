@@ -115,15 +115,23 @@ def _fingerprint(config: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
 
 
 def describe(runs: Sequence[Run], ignore: Iterable[str] = ()) -> list[str]:
-    """Per run, the values of the config keys that differ between ``runs`` (``ignore`` and ``output.*`` left out),
-    e.g. ``flora_na, α=0.1, lr=0.001``; the method name when nothing differs, else the directory name."""
-    configs = [_compared(r.config, ignore) for r in runs]
+    """Per run, the values of the config keys that differ between ``runs`` (``ignore``, ``output.*`` and
+    :func:`version_keys` left out), e.g. ``flora_na, α=0.1, lr=0.001``; the method name when nothing differs."""
+    configs = [_compared(r.config, [*ignore, *version_keys(runs)]) for r in runs]
     keys = list(dict.fromkeys(k for c in configs for k in c))
     differing = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
     differing.sort(key=lambda k: (_FIRST.index(k) if k in _FIRST else len(_FIRST), keys.index(k)))
     names = _short_names(differing)
     labels = [", ".join(_part(names[k], c[k]) for k in differing if k in c) for c in configs]
     return [label or str(r.config.get("federation.method", r.path.name)) for label, r in zip(labels, runs, strict=True)]
+
+
+def version_keys(runs: Sequence[Run]) -> list[str]:
+    """Config keys that only some runs record and that hold one value wherever recorded: the runs were made by
+    fedlora versions with and without the option, so the key tells nothing about how they differ."""
+    keys = list(dict.fromkeys(k for r in runs for k in r.config))
+    partial = [k for k in keys if any(k not in r.config for r in runs)]
+    return [k for k in partial if len({json.dumps(r.config[k], default=str) for r in runs if k in r.config}) == 1]
 
 
 def _short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -201,27 +209,38 @@ class Selection:
 
 def select(runs: Sequence[Run]) -> Selection:
     """One series per run, or per group of runs that differ only in ``seed`` (all seeds distinct). Runs whose
-    configs are identical are labelled by their directory names, with a warning."""
+    configs are identical are labelled by their directory names, with a warning; keys that only some runs record
+    (:func:`version_keys`) are not differences, also with a warning."""
     sel = Selection(list(runs))
     labels = describe(runs)
+    absent = version_keys(runs)
+    if absent:
+        shown = ", ".join(absent[:6]) + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
+        sel.warnings.append(
+            f"{len(absent)} config key(s) recorded by only some runs (made by different fedlora versions) and "
+            f"equal wherever recorded are not treated as differences: {shown}"
+        )
     groups: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
-        groups.setdefault(_fingerprint(run.config, ["seed"]), []).append(i)
+        groups.setdefault(_fingerprint(run.config, ["seed", *absent]), []).append(i)
     for members in groups.values():
         seeds = [runs[i].config.get("seed") for i in members]
         if len(members) > 1 and len(set(seeds)) == len(seeds):
             label = describe(runs, ignore=["seed"])[members[0]]
             sel.series.append(Series(label, tuple(runs[i] for i in members)))
         else:
-            sel.series.extend(_single_runs(runs, members, labels, sel.warnings))
+            sel.series.extend(_single_runs(runs, members, labels, sel.warnings, absent))
     return sel
 
 
-def _single_runs(runs: Sequence[Run], members: Sequence[int], labels: Sequence[str], warnings: list[str]) -> list:
-    """One series per run; runs with identical configs get their directory name in the label, and a warning."""
+def _single_runs(
+    runs: Sequence[Run], members: Sequence[int], labels: Sequence[str], warnings: list[str], absent: Sequence[str]
+) -> list:
+    """One series per run; runs with identical configs (``absent`` keys aside) get their directory name in the
+    label, and a warning."""
     same: dict[str, list[int]] = {}
     for i in members:
-        same.setdefault(_fingerprint(runs[i].config), []).append(i)
+        same.setdefault(_fingerprint(runs[i].config, absent), []).append(i)
     series = []
     for twins in same.values():
         if len(twins) > 1:
@@ -553,15 +572,19 @@ def _figure(rows: int, columns: int, width: float, height: float, **kwargs: Any)
 
 def _legend(fig: Any) -> None:
     """One legend for the figure, below the panels, from every labelled artist of its axes (no duplicates), in
-    as many columns as its longest entry allows; the figure grows by the legend's height."""
+    as many columns as its longest entry allows, entries wider than the figure wrapped at spaces; the figure grows
+    by the legend's height."""
     entries: dict[str, Any] = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
-    longest = max(map(len, entries), default=1)
-    columns = max(1, min(len(entries), int(fig.get_figwidth() * 14 // (longest + 6))))
-    fig.set_figheight(fig.get_figheight() + 0.25 * math.ceil(len(entries) / columns))
-    fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=columns, fontsize=8)
+    width = int(fig.get_figwidth() * 14)  # characters of legend text across the figure
+    labels = [textwrap.fill(label, width - 6, break_long_words=False) for label in entries]
+    longest = max((len(line) for label in labels for line in label.splitlines()), default=1)
+    columns = max(1, min(len(labels), width // (longest + 6)))
+    lines = max((label.count("\n") + 1 for label in labels), default=1)
+    fig.set_figheight(fig.get_figheight() + 0.25 * lines * math.ceil(len(labels) / columns))
+    fig.legend(list(entries.values()), labels, loc="outside lower center", ncols=columns, fontsize=8)
 
 
 def _wrapped(text: str, inches: float) -> str:
