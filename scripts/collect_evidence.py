@@ -5,8 +5,10 @@
 One table per cell (dataset, alpha, seed; its finished runs, if the grid is still running) with the majority-class
 shares beside the accuracies, per-round global accuracy, global loss, divergence and local accuracy of each
 finished run (rounds that did not evaluate are blank), a mean ± std table over the seeds of each cell that has
-several, a table per dataset of each method's final global accuracy against the Dirichlet alpha (seed 0), and the
-clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
+several, with each method's paired differences from FedIT seed by seed (the seed draws the test split, the
+partition and the initialisation for every method of a cell alike, so a paired difference is free of the seed-to-seed
+spread the methods share), a table per dataset of each method's final global accuracy against the Dirichlet alpha
+(seed 0), and the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
 with ρ_u = ‖B̃_u‖_F / ‖A_u‖_F (1 means every client has the same LoRA gauge; FLoRA-NA can only beat FedIT by much
 when this spread is large).
 """
@@ -110,6 +112,35 @@ def main(root: Path) -> None:
             vals = [_fmt([r[k] for r in runs], f) for k, _, f in COLUMNS]
             print(f"| {m} ({len(runs)} seeds) | " + " | ".join(vals) + " |")
         print()
+        print(paired_table(setting, seeds))
+
+
+PAIRED = [("final_global_accuracy", "final global acc", "{:+.4f}"), ("mean_divergence", "mean divergence", "{:+.3g}")]
+
+
+def paired_table(setting: str, seeds: list[dict], reference: str = "fedit") -> str:
+    """Per method, its difference from ``reference`` at each seed where both ran, their mean ± std and in how
+    many seeds the method is ahead (higher accuracy, lower divergence); "" when no method shares two seeds."""
+    rows = []
+    for m in dict.fromkeys(m for s in seeds for m in s):
+        pairs = [(s[m], s[reference]) for s in seeds if m in s and reference in s]
+        if m == reference or len(pairs) < 2:
+            continue
+        cells = []
+        for key, _, fmt in PAIRED:
+            diffs = [run[key] - ref[key] for run, ref in pairs]
+            ahead = sum(d > 0 if key.endswith("accuracy") else d < 0 for d in diffs)
+            shown = " / ".join(fmt.format(d) for d in diffs)
+            spread = f"{fmt.format(statistics.fmean(diffs))} ± {fmt.format(statistics.stdev(diffs)).lstrip('+')}"
+            cells.append(f"{shown} | {spread} | {ahead} of {len(diffs)}")
+        rows.append(f"| {m} ({len(pairs)} seeds) | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = [f"### {setting}: paired differences from {reference} (method − {reference}), seed by seed\n"]
+    titles = [f"{t} per seed | {t} mean ± std | seeds ahead" for _, t, _ in PAIRED]
+    head.append("| method | " + " | ".join(titles) + " |")
+    head.append("|---" * (3 * len(PAIRED) + 1) + "|")
+    return "\n".join(head + rows) + "\n"
 
 
 def alpha_table(root: Path, dataset: str, seed: int = 0) -> str:
