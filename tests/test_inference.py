@@ -95,6 +95,11 @@ def test_predict_on_a_run_directory_names_its_adapter(run_dir):
     assert str(run_dir / "adapter") in res.output.replace("\n", "")
 
 
+def test_a_task_name_for_a_single_task_run_is_refused(run_dir):
+    res = cli.invoke(app, ["predict", str(run_dir / "adapter"), "a text", "--task", "rt"])
+    assert res.exit_code == 2 and "--task rt: the run of" in res.output and "has one task" in res.output
+
+
 def test_eval_of_an_adapter_not_saved_by_a_run_is_one_line(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     res = cli.invoke(app, ["eval", str(tmp_path)])

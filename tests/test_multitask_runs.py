@@ -5,14 +5,18 @@ the in-process engine."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import read_records
-from fedlora import config, engines, peft_io
+from fedlora import config, engines, inference, peft_io
+from fedlora.aggregate_dirs import aggregate_dirs
+from fedlora.experiment import global_test_set
 
 MODULES, D = 12, 384  # MiniLM: 6 layers × (query, value), 384 × 384
 F32 = 4
@@ -95,6 +99,9 @@ def test_fedlease_warms_up_clusters_and_trains_its_experts(two_tasks, tmp_path):
     assert r2["bytes_down"] == 3 * (2 * FACTORS + routers + HEAD)  # both experts, the cluster's router and head
     saved = load_file(run_dir / "adapter" / peft_io.MIXTURE_FILE)
     assert any(n.endswith(".lora_router") for n in saved) and any(n.endswith(".lora_experts.A") for n in saved)
+    evaluated = inference.evaluate(inference.load(run_dir))  # the experts and routers load with the adapter
+    assert evaluated.metrics["loss"] == pytest.approx(r3["global_loss"], rel=1e-5)
+    assert evaluated.metrics["accuracy_bbc"] == r3["global_accuracy_bbc"]
 
 
 def _fl_tac_checks(records: list[dict]) -> None:
@@ -149,3 +156,58 @@ def test_fl_tac_client_with_a_scale_fault_is_scaled_not_crashed(two_tasks, tmp_p
     lora = [k for k in a if "lora_B" in k]
     # the same seed and clients: without the fault the adapters would be equal (0.27 here with it)
     assert lora and max((b[k] - a[k]).norm() / a[k].norm().clamp_min(1e-12) for k in lora) > 0.05
+
+
+@pytest.mark.integration
+def test_saved_fl_tac_adapter_evaluates_and_predicts_task_by_task(two_tasks, tmp_path, monkeypatch):
+    """eval and predict load the task adapters and their table saved beside the adapter and repeat the run's
+    numbers, on the whole test set, on one task of it, and on a file of one task; the adapter alone would not."""
+    args = ["federation.method=fl_tac", "federation.rounds=1", "seed=8", "train.lr=5e-3", "train.local_steps=4"]
+    run_dir, _ = engines.run(tiny(two_tasks, tmp_path / "run", *args), tmp_path / "run")
+    (record,) = read_records(run_dir)
+    assert record["diagnostics"]["task_clusters"] == [0, 1]  # (seed 8) so the two tasks use different adapters
+    assert (run_dir / "adapter" / peft_io.MIXTURE_FILE).exists()
+    loaded = inference.load(run_dir)
+    whole = inference.evaluate(loaded)
+    assert set(whole.recorded) == {"accuracy", "loss", "accuracy_rt", "accuracy_bbc", "loss_rt", "loss_bbc"}
+    assert all(whole.metrics[k] == pytest.approx(v, rel=1e-5) for k, v in whole.recorded.items())
+    with monkeypatch.context() as patch:  # the adapter alone would not repeat them
+        patch.setattr(peft_io, "_load_mixture", lambda *args: None)
+        alone = inference.evaluate(inference.load(run_dir)).metrics["loss"]
+        assert alone != pytest.approx(record["global_loss"], rel=1e-4)
+    bare = shutil.copytree(run_dir / "adapter", tmp_path / "bare")
+    (bare / peft_io.MIXTURE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="names a mixture of experts mixture.safetensors, which is missing"):
+        inference.load(bare)
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert f"`{two_tasks[0]}` + `{two_tasks[1]}` (one task each)" in card and '"some text" --task NAME' in card
+    assert "but without `mixture.safetensors`" in card
+
+    one = inference.evaluate(loaded, task="rt")
+    assert one.examples == 12 and one.metrics["accuracy"] == record["global_accuracy_rt"]
+    assert "accuracy_bbc" not in one.metrics
+
+    test = global_test_set(loaded.config, loaded.task.load(loaded.config))
+    rows = [
+        (x, test.label_names[y].split("/", 1)[1])
+        for x, y, t in zip(test.texts, test.labels, test.tasks, strict=True)
+        if t == 0
+    ]
+    frame = pd.DataFrame(rows, columns=["text", "label"])
+    frame.to_csv(tmp_path / "rt_test.csv", index=False)
+    from_file = inference.evaluate(loaded, str(tmp_path / "rt_test.csv"), task="rt")
+    assert from_file.metrics["loss_rt"] == pytest.approx(record["global_loss_rt"], rel=1e-5)
+    predicted = inference.predict(loaded, list(frame["text"]), task="rt")
+    assert {p["task"] for p in predicted} == {"rt"}
+    assert all(set(p["probabilities"]) == set(pd.read_csv(two_tasks[0])["label"]) for p in predicted)
+    right = sum(p["label"] == label for p, label in zip(predicted, frame["label"], strict=True))
+    assert right / len(frame) == record["global_accuracy_rt"]
+
+    with pytest.raises(ValueError, match=r"adapter 0 .* holds mixture.safetensors.* would drop them"):
+        aggregate_dirs("fedit", [run_dir / "adapter", run_dir / "adapter"], tmp_path / "out")
+    with pytest.raises(ValueError, match="cannot be merged into the base weights"):
+        peft_io.merge_to_base("fedlora:minilm", run_dir / "adapter", None, tmp_path / "merged")
+    with pytest.raises(ValueError, match=r"several tasks \['rt', 'bbc'\]; name the task with --task"):
+        inference.predict(loaded, ["a text"])
+    with pytest.raises(ValueError, match=r"--task imdb: not a task of the run .* its tasks are \['rt', 'bbc'\]"):
+        inference.evaluate(loaded, task="imdb")

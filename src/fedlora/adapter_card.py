@@ -53,12 +53,14 @@ def describe(
     cfg = exp.cfg
     peft_io.set_base_model_name(directory, cfg.model.name)
     record = next((r for r in records if r["round"] == summary["saved_round"]), records[-1])
-    info = _info(exp, record, (directory / peft_io.BASE_EDITS_FILE).exists())
+    info = _info(
+        exp, record, (directory / peft_io.BASE_EDITS_FILE).exists(), (directory / peft_io.MIXTURE_FILE).exists()
+    )
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     (directory / CARD_FILE).write_text(model_card(info, summary))
 
 
-def _info(exp: Experiment, record: Mapping[str, Any], has_edits: bool) -> dict[str, Any]:
+def _info(exp: Experiment, record: Mapping[str, Any], has_edits: bool, has_mixture: bool) -> dict[str, Any]:
     from fedlora import __version__
 
     cfg, labels = exp.cfg, exp.task_info.get("label_names")
@@ -77,6 +79,7 @@ def _info(exp: Experiment, record: Mapping[str, Any], has_edits: bool) -> dict[s
         "rounds": cfg.federation.rounds,
         "keep": cfg.output.keep,
         "base_edits": peft_io.BASE_EDITS_FILE if has_edits else None,
+        "mixture": peft_io.MIXTURE_FILE if has_mixture else None,
         "metrics": {k: v for k, v in record.items() if _reported(k, v)},
         "task_info": dict(exp.task_info),
         "config": cfgmod.to_flat(cfg),
@@ -108,6 +111,10 @@ def read(directory: Path) -> AdapterInfo:
     edits = directory / info["base_edits"] if info.get("base_edits") else None
     if edits is not None and not edits.is_file():
         raise FileNotFoundError(f"{directory}: {INFO_FILE} names base edits {edits.name}, which are missing")
+    if info.get("mixture") and not (directory / info["mixture"]).is_file():
+        raise FileNotFoundError(
+            f"{directory}: {INFO_FILE} names a mixture of experts {info['mixture']}, which is missing"
+        )
     task_info, metrics = info.get("task_info") or {}, info.get("metrics") or {}
     return AdapterInfo(directory, config, info.get("num_labels"), task_info, info.get("round"), edits, metrics)
 
@@ -119,11 +126,12 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     front = ["---", "library_name: peft", *([f"base_model: {name}"] if hub_id else [])]
     front += ["tags:", "- fedlora", "- federated-learning", "- lora", f"- {method}", "---", ""]
     labels = info.get("id2label")
+    task = " --task NAME" if flat.get("data.tasks") else ""  # a multi-task run's task, as named in its metrics
     lines = [
         f"# {method} federated LoRA adapter for `{name}`",
         "",
         f"Trained with fedlora {info['fedlora_version']}: {flat['data.num_clients']} clients fine-tuned LoRA "
-        f"adapters on their own part of `{flat['data.dataset']}` and the server aggregated them with `{method}` "
+        f"adapters on their own part of {_data(flat)} and the server aggregated them with `{method}` "
         f"for {_count(info['rounds'], 'round')}. These weights are the global model of round {info['round']} "
         f'(`output.keep = "{info["keep"]}"`).',
         "",
@@ -136,7 +144,7 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         "",
         "## Federated training",
         "",
-        f"- data: `{flat['data.dataset']}`, {flat['data.num_clients']} clients, partition `{flat['data.partition']}`"
+        f"- data: {_data(flat)}, {flat['data.num_clients']} clients, partition `{flat['data.partition']}`"
         + (f" (Dirichlet α = {flat['data.alpha']})" if flat["data.partition"] == "dirichlet" else ""),
         f"- method: `{method}`, {_count(info['rounds'], 'round')}, {_local(flat)}, batch {flat['train.batch_size']}, "
         f"lr {flat['train.lr']} ({flat['train.lr_schedule']}), seed {flat['seed']}",
@@ -148,19 +156,17 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         "## Use it",
         "",
         "```bash",
-        'fedlora predict ADAPTER_DIR "some text"      # label and probabilities (or generated text)',
-        "fedlora eval ADAPTER_DIR                      # the run's held-out test set, or --data FILE",
+        f'fedlora predict ADAPTER_DIR "some text"{task}      # label and probabilities (or generated text)',
+        "fedlora eval ADAPTER_DIR                      # the run's held-out test set, or --data FILE" + task,
         "```",
         "",
         "```python",
         "import fedlora",
         "",
-        'fedlora.predict("ADAPTER_DIR", ["some text"])',
+        f'fedlora.predict("ADAPTER_DIR", ["some text"]{task.replace(" --task NAME", ", task=NAME")})',
         "```",
         "",
-        "`PeftModel.from_pretrained(base, ADAPTER_DIR)` loads it into the base model with the classification head"
-        + (" (apply `base_edits.safetensors` to the base weights first)" if info.get("base_edits") else "")
-        + "; `fedlora.json` holds the labels and the run's whole config.",
+        _peft_use(info),
         "",
         "## Reproduce",
         "",
@@ -170,6 +176,23 @@ def model_card(info: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(front + lines)
+
+
+def _data(flat: Mapping[str, Any]) -> str:
+    tasks = flat.get("data.tasks")
+    return " + ".join(f"`{t}`" for t in tasks) + " (one task each)" if tasks else f"`{flat['data.dataset']}`"
+
+
+def _peft_use(info: Mapping[str, Any]) -> str:
+    """How PEFT alone loads the adapter, and what it leaves out."""
+    text = "`PeftModel.from_pretrained(base, ADAPTER_DIR)` loads it into the base model with the classification head"
+    text += " (apply `base_edits.safetensors` to the base weights first)" if info.get("base_edits") else ""
+    if info.get("mixture"):
+        text += (
+            f", but without `{info['mixture']}`: the other experts and their routing (by task or by a router), "
+            "which PEFT has no layer for; `fedlora predict` and `fedlora eval` load both"
+        )
+    return text + "; `fedlora.json` holds the labels and the run's whole config."
 
 
 def _count(n: int, noun: str) -> str:

@@ -67,10 +67,16 @@ def _overlap(a: Path, b: Path) -> bool:
 
 
 def check_inputs(dirs: Sequence[Path]) -> None:
-    """At least one adapter directory, none given twice (a duplicate would count its site twice)."""
+    """At least one adapter directory, none given twice (a duplicate would count its site twice), none with a
+    mixture of experts beside its adapter (aggregating the adapter alone would drop the experts)."""
     if not dirs:
         raise ValueError("no adapter directories given: the client list is empty")
     for i, d in enumerate(dirs):
+        if (d / peft_io.MIXTURE_FILE).exists():
+            raise ValueError(
+                f"adapter {i} ({d}) holds {peft_io.MIXTURE_FILE}, experts and their routing beside the adapter "
+                "(FL-TAC, FedLEASE); aggregating the adapter alone would drop them"
+            )
         for j in range(i):
             if d.resolve() == dirs[j].resolve():
                 raise ValueError(f"adapter {i} ({d}) is the same directory as adapter {j} ({dirs[j]}); give each once")

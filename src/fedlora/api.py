@@ -167,20 +167,25 @@ def aggregate(
     )
 
 
-def evaluate(run_or_adapter: str | Path, data: str | Path | None = None, *, device: str | None = None) -> Any:
+def evaluate(
+    run_or_adapter: str | Path, data: str | Path | None = None, *, task: str | None = None, device: str | None = None
+) -> Any:
     """A saved adapter (a run directory, or its ``adapter/``) on the run's held-out test set, or on ``data``;
-    returns ``fedlora.inference.EvalResult`` (metrics, the baseline, what the run recorded for that round)."""
+    returns ``fedlora.inference.EvalResult`` (metrics, the baseline, what the run recorded for that round).
+    ``task``: in a multi-task run, the task whose labels ``data`` holds, or the one task of the test set."""
     from fedlora import inference
 
-    return inference.evaluate(inference.load(run_or_adapter, device), None if data is None else str(data))
+    return inference.evaluate(inference.load(run_or_adapter, device), None if data is None else str(data), task)
 
 
-def predict(adapter: str | Path, texts: Sequence[str], *, device: str | None = None) -> list[dict[str, Any]]:
+def predict(
+    adapter: str | Path, texts: Sequence[str], *, task: str | None = None, device: str | None = None
+) -> list[dict[str, Any]]:
     """The task's output for each text with a saved adapter (classification: ``label`` and ``probabilities``;
-    generation: the generated ``text``)."""
+    generation: the generated ``text``); ``task``: in a multi-task run, the task the texts belong to."""
     from fedlora import inference
 
-    return inference.predict(inference.load(inference.require_adapter_dir(adapter), device), texts)
+    return inference.predict(inference.load(inference.require_adapter_dir(adapter), device), texts, task)
 
 
 def _result(run_dir: Path, cfg: cfgmod.ExperimentConfig, summary: Mapping[str, Any]) -> RunResult:

@@ -336,6 +336,10 @@ def eval_(
         str | None,
         typer.Option(help="A data file with the run's text and label columns (default: the run's test set)."),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Multi-task runs: the task whose labels --data holds, or the one task of the test set."),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (default: the run's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -346,7 +350,7 @@ def eval_(
     from fedlora import inference
 
     try:
-        result = inference.evaluate(inference.load(run_or_adapter, device), data)
+        result = inference.evaluate(inference.load(run_or_adapter, device), data, task)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
     if as_json:
@@ -371,6 +375,7 @@ def predict(
     file: Annotated[
         Path | None, typer.Option(help="One text per line, or a csv/json/jsonl/parquet file's text column.")
     ] = None,
+    task: Annotated[str | None, typer.Option(help="Multi-task runs: the task the texts belong to.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (default: the run's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
 ) -> None:
@@ -383,7 +388,7 @@ def predict(
     try:
         loaded = inference.load(inference.require_adapter_dir(adapter), device)
         given = list(texts or []) + (inference.read_texts(file, loaded.config.data.text_column) if file else [])
-        outputs = inference.predict(loaded, given)
+        outputs = inference.predict(loaded, given, task)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(str(e))
     for text, out in zip(given, outputs, strict=True):

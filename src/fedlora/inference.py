@@ -70,11 +70,6 @@ def load(path: str | Path, device: str | None = None) -> Loaded:
     model on ``device`` (default: the run's ``model.device``, resolved on this machine)."""
     directory = adapter_dir(path)
     info = adapter_card.read(directory)
-    if (directory / peft_io.MIXTURE_FILE).exists():
-        raise ValueError(
-            f"{directory} holds {peft_io.MIXTURE_FILE} (experts and routing around the adapter, fl_tac / fedlease), "
-            "which fedlora eval and predict do not load yet: they would use the adapter without it"
-        )
     cfg = info.config
     if device is not None:
         cfg = cfgmod.with_overrides(cfg, [("model.device", device)])
@@ -88,19 +83,44 @@ def load(path: str | Path, device: str | None = None) -> Loaded:
     return Loaded(directory, cfg, task, model, peft_io.load_tokenizer(cfg.model.name), info)
 
 
-def evaluate(loaded: Loaded, data: str | None = None) -> EvalResult:
+def evaluate(loaded: Loaded, data: str | None = None, task: str | None = None) -> EvalResult:
     """The adapter on ``data`` (a data source the task reads: for classification a local file with the run's
-    text and label columns), or on the run's held-out test set when None."""
-    cfg, task = loaded.config, loaded.task
+    text and label columns), or on the run's held-out test set when None. ``task``: in a multi-task run, the task
+    whose labels ``data`` holds (required with ``data``), or the one task of the test set to evaluate."""
+    cfg, model_task = loaded.config, loaded.task
+    chosen = task_index(loaded, task)
     if data is None:
-        examples = global_test_set(cfg, task.load(cfg))
-        source = f"the run's held-out test set ({cfg.data.dataset}, seed {cfg.seed})"
+        examples = global_test_set(cfg, model_task.load(cfg))
+        what = cfg.data.dataset if cfg.data.tasks is None else " + ".join(cfg.data.tasks)
+        source = f"the run's held-out test set ({what}, seed {cfg.seed})"
+        if chosen is not None:
+            examples = examples.subset([i for i, t in enumerate(examples.tasks) if t == chosen])
+            source += f", task {task}"
     else:
-        examples, source = task.load_examples(cfg, data, loaded.info.task_info), data
-    encoded = by_length(task.encode(examples, loaded.tokenizer, cfg))
-    metrics = task.finish(task.evaluate(loaded.model, encoded, loaded.tokenizer, cfg, True))
+        extra = {} if not is_multitask(loaded) else {"task": chosen}
+        examples, source = model_task.load_examples(cfg, data, loaded.info.task_info, **extra), data
+    encoded = by_length(model_task.encode(examples, loaded.tokenizer, cfg))
+    metrics = model_task.finish(model_task.evaluate(loaded.model, encoded, loaded.tokenizer, cfg, True))
     recorded = {} if data is not None else _recorded(loaded, metrics)
-    return EvalResult(source, len(examples), metrics, task.baseline(examples), loaded.info.round, recorded)
+    return EvalResult(source, len(examples), metrics, model_task.baseline(examples), loaded.info.round, recorded)
+
+
+def is_multitask(loaded: Loaded) -> bool:
+    """Whether the run federated several tasks (``data.tasks``): its task info names them."""
+    return bool(loaded.info.task_info.get("tasks"))
+
+
+def task_index(loaded: Loaded, task: str | None) -> int | None:
+    """The index of the task named ``task`` among a multi-task run's tasks (None for None); a name the run does
+    not have, or any name for a single-task run, is an error."""
+    names = [t["name"] for t in loaded.info.task_info.get("tasks", [])]
+    if task is None:
+        return None
+    if not names:
+        raise ValueError(f"--task {task}: the run of {loaded.directory} has one task (data.tasks is not set)")
+    if task not in names:
+        raise ValueError(f"--task {task}: not a task of the run of {loaded.directory}; its tasks are {names}")
+    return names.index(task)
 
 
 def _recorded(loaded: Loaded, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -109,11 +129,16 @@ def _recorded(loaded: Loaded, metrics: Mapping[str, float]) -> dict[str, float]:
     return {m: saved[f"global_{m}"] for m in metrics if isinstance(saved.get(f"global_{m}"), float | int)}
 
 
-def predict(loaded: Loaded, texts: Sequence[str]) -> list[dict[str, Any]]:
-    """The task's output for each text, in order (classification: ``label`` and ``probabilities``)."""
+def predict(loaded: Loaded, texts: Sequence[str], task: str | None = None) -> list[dict[str, Any]]:
+    """The task's output for each text, in order (classification: ``label`` and ``probabilities``); ``task``: in
+    a multi-task run, the task the texts belong to (required)."""
     if not texts:
         raise ValueError("no text to predict: give texts as arguments or --file")
-    return loaded.task.predict(loaded.model, loaded.tokenizer, list(texts), loaded.config, loaded.info.task_info)
+    chosen = task_index(loaded, task)
+    extra = {} if not is_multitask(loaded) else {"task": chosen}
+    return loaded.task.predict(
+        loaded.model, loaded.tokenizer, list(texts), loaded.config, loaded.info.task_info, **extra
+    )
 
 
 def read_texts(path: str | Path, column: str = "text") -> list[str]:

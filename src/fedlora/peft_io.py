@@ -940,6 +940,11 @@ def merge_to_base(
     (``check_loaded``), and merged with ``merge_and_unload``.
     """
     directory = Path(adapter_dir)
+    if (directory / MIXTURE_FILE).exists():
+        raise ValueError(
+            f"{directory} holds {MIXTURE_FILE}: experts routed by task or token cannot be merged into the base "
+            "weights (load it with fedlora eval / predict instead)"
+        )
     adapter = read_adapter_dir(directory)
     model = load_base_model_for(base_model_name_or_path, adapter)
     where = f"merging {directory} into {base_model_name_or_path}"
@@ -962,14 +967,34 @@ def merge_to_base(
 
 def load_adapter_dir(model: PreTrainedModel, directory: str | Path) -> PeftModel:
     """``model`` wrapped with the adapter saved in ``directory`` (module paths matched by ``module_paths``), every
-    tensor checked to have landed (``check_loaded``); for inference (``inference_mode``)."""
+    tensor checked to have landed (``check_loaded``), and the mixture of experts saved beside it (``MIXTURE_FILE``:
+    FL-TAC's task adapters, FedLEASE's experts and routers) installed around its layers; for inference
+    (``inference_mode``)."""
     directory = Path(directory)
     adapter = read_adapter_dir(directory)
     where = f"loading {directory}"
     paths = module_paths(model, [*adapter.adapter, *(n.rsplit(".", 1)[0] for n in adapter.extras)], where)
     with warnings.catch_warnings():  # the portable name (fedlora:minilm) is resolved to a path on purpose
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.* was renamed", category=UserWarning)
-        return _load_checked(model, directory, adapter, paths, where)
+        peft_model = _load_checked(model, directory, adapter, paths, where)
+    if (directory / MIXTURE_FILE).exists():
+        _load_mixture(peft_model, directory / MIXTURE_FILE, paths, adapter.rank)
+    return peft_model
+
+
+def _load_mixture(peft_model: PeftModel, file: Path, paths: Mapping[str, str], rank: int) -> None:
+    """Install the mixture saved in ``file`` (its modules renamed by ``paths``), checked against the model's
+    adapted layers: every adapted module has one, of the adapter's rank (``fedlora.mixture.split``)."""
+    tensors, _ = _load_safetensors(file)
+    renamed = {_rename_key(n, paths): t for n, t in tensors.items()}
+    shapes = {m: (s.d, s.k) for m, s in module_specs(peft_model).items()}
+    try:
+        rest, mixtures = mixmod.split(renamed, shapes, rank)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    if rest or not mixtures:
+        raise ValueError(f"{file}: expected the tensors of a mixture of experts, got {sorted(rest)[:3] or 'none'}")
+    _install_mixture(peft_model, mixtures)
 
 
 def module_paths(model: nn.Module, modules: Sequence[str], where: str) -> dict[str, str]:

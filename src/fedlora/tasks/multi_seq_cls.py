@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from fedlora import data as datamod
-from fedlora import multitask, peft_io
+from fedlora import devices, multitask, peft_io
 from fedlora.tasks.base import Encoded, Sums, TaskData
 from fedlora.tasks.seq_cls import EVAL_BATCH, SequenceClassification
-from fedlora.training import autocast, trim
+from fedlora.training import autocast, to_device, trim
 
 
 class MultiTaskClassification(SequenceClassification):
@@ -55,6 +55,63 @@ class MultiTaskClassification(SequenceClassification):
         tasks = [{"name": n, "labels": list(span)} for n, span in zip(self.names, examples.spans, strict=True)]
         info = {"label_names": examples.label_names, "tasks": tasks, "task_shares": fed.shares}
         return TaskData(fed.test, list(fed.clients), len(examples.label_names), info)
+
+    def load_examples(
+        self, cfg: Any, source: str, info: Mapping[str, Any], task: int | None = None
+    ) -> multitask.TaskExamples:
+        """All of ``source`` as examples of task ``task`` (an index into ``data.tasks``; required): its labels are
+        the task's own label names (``positive``, not ``rotten_tomatoes/positive``) or ids within the task."""
+        t = self._required(task, f"--data {source}")
+        names, spans = list(info.get("label_names") or []), self._spans(info)
+        start, stop = spans[t]
+        own = [n.split("/", 1)[1] for n in names[start:stop]]
+        ds = super().load_examples(cfg, source, {"label_names": own})
+        labels = [start + y for y in ds.labels]
+        return multitask.TaskExamples(ds.texts, labels, [t] * len(ds), names, tuple(spans), self.names)
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        texts: list[str],
+        cfg: Any,
+        info: Mapping[str, Any],
+        task: int | None = None,
+    ) -> list[dict]:
+        """Per text of task ``task`` (an index into ``data.tasks``; required), the most probable of the task's own
+        labels and the ``probabilities`` of each (the head's rows of the other tasks take no part)."""
+        t = self._required(task, "predict")
+        start, stop = self._spans(info)[t]
+        names = [n.split("/", 1)[1] for n in list(info.get("label_names") or [])[start:stop]]
+        device, out = devices.of(model), []
+        model.eval()
+        for first in range(0, len(texts), EVAL_BATCH):
+            chunk = texts[first : first + EVAL_BATCH]
+            batch = tokenizer(chunk, padding=True, truncation=True, max_length=cfg.data.max_length, return_tensors="pt")
+            n = len(chunk)
+            batch = {k: batch[k] for k in ("input_ids", "attention_mask")} | {
+                "task": torch.full((n,), t),
+                "label_start": torch.full((n,), start),
+                "label_stop": torch.full((n,), stop),
+            }
+            with autocast(cfg.model.precision, device):
+                logits = masked_logits(model, to_device(batch, device))
+            for p in torch.softmax(logits[:, start:stop], -1).cpu():
+                probabilities = dict(zip(names, p.tolist(), strict=True))
+                out.append({"task": self.names[t], "label": names[int(p.argmax())], "probabilities": probabilities})
+        return out
+
+    def _required(self, task: int | None, where: str) -> int:
+        if task is None:
+            raise ValueError(
+                f"{where}: the adapter was trained on several tasks {list(self.names)}; name the task with --task"
+            )
+        return task
+
+    def _spans(self, info: Mapping[str, Any]) -> list[tuple[int, int]]:
+        """Each task's label rows [start, stop) as recorded by ``load`` (``info["tasks"][t]["labels"]``)."""
+        return [(int(t["labels"][0]), int(t["labels"][1])) for t in info.get("tasks") or []]
 
     def encode(self, examples: Any, tokenizer: Any, cfg: Any) -> Encoded:
         """Tokens and labels (``fedlora.data.tokenize``), plus each example's task id and its task's label rows."""
