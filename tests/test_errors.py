@@ -78,19 +78,17 @@ def test_bracketed_user_text_is_printed_as_typed(tmp_path):
     assert res.output.count("[bold]reviews[/bold].csv") == 2, res.output  # the run's description and the error
 
 
-def test_keep_best_on_a_task_without_a_validation_split_is_refused_not_ignored(rt_csv, tmp_path):
-    import shutil
+def test_keep_best_on_a_task_without_a_validation_split_is_refused_not_ignored(rt_csv, tmp_path, monkeypatch):
+    """Every built-in task carves a validation split; a task that does not (here seq_cls made to drop it) is
+    refused rather than keeping the last round under the name of the best."""
+    import dataclasses
 
-    twin = shutil.copy(rt_csv, tmp_path / "twin.csv")
-    args = [f'data.tasks=["{rt_csv}", "{twin}"]', "data.num_clients=2", "output.keep=best", f"output.dir={tmp_path}/r"]
+    from fedlora.tasks.seq_cls import SequenceClassification
+
+    carve = SequenceClassification.load
+    monkeypatch.setattr(
+        SequenceClassification, "load", lambda self, cfg: dataclasses.replace(carve(self, cfg), validation=None)
+    )
+    args = [f"data.dataset={rt_csv}", "data.num_clients=2", "output.keep=best", f"output.dir={tmp_path}/r"]
     line = error_line(["run", *args])
-    assert "need a validation split" in line and "with data.tasks" in line and "output.keep = 'last'" in line
-
-
-def test_an_adapter_with_a_mixture_is_not_evaluated_without_it(tmp_path, monkeypatch):
-    from fedlora import adapter_card
-
-    (tmp_path / peft_io.MIXTURE_FILE).write_bytes(b"")
-    monkeypatch.setattr(adapter_card, "read", lambda directory: None)  # a description is there
-    line = error_line(["predict", str(tmp_path), "text"])
-    assert "mixture.safetensors" in line and "do not load yet" in line
+    assert "need a validation split" in line and "(seq_cls)" in line and "output.keep = 'last'" in line

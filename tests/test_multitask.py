@@ -85,6 +85,22 @@ def test_no_example_is_in_two_places_and_none_is_lost(partition):
     assert fed.test.task_counts() == (60, 40)  # each task's own test fraction
 
 
+def test_a_validation_split_per_task_leaves_the_test_set_and_loses_nothing():
+    """val_fraction carves each task's validation part from what its test split leaves (its own stream): the test
+    set is the one without validation, no example is in two places, and without it no validation exists."""
+    examples = _examples((300, 2), (200, 5))
+    plain, fed = _federate(examples), _federate(examples, val_fraction=0.25)
+    assert plain.validation is None and fed.test.texts == plain.test.texts
+    assert fed.validation.task_counts() == (60, 40)  # a quarter of the 240 and 160 left by the test split
+    parts = [fed.test.texts, fed.validation.texts] + [split.texts for pair in fed.clients for split in pair]
+    flat = [text for part in parts for text in part]
+    assert len(flat) == len(set(flat)) == len(examples)
+    assert all(
+        fed.validation.spans[t][0] <= y < fed.validation.spans[t][1]
+        for y, t in zip(fed.validation.labels, fed.validation.tasks, strict=True)
+    )
+
+
 def test_the_label_dirichlet_within_a_task_skews_labels_and_large_alpha_gives_the_task_shares():
     examples = _examples((2000, 4))
     pool = 2000 - 400

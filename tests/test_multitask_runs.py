@@ -211,3 +211,17 @@ def test_saved_fl_tac_adapter_evaluates_and_predicts_task_by_task(two_tasks, tmp
         inference.predict(loaded, ["a text"])
     with pytest.raises(ValueError, match=r"--task imdb: not a task of the run .* its tasks are \['rt', 'bbc'\]"):
         inference.evaluate(loaded, task="imdb")
+
+
+@pytest.mark.integration
+def test_keep_best_on_two_tasks_saves_the_round_with_the_best_validation_accuracy(two_tasks, tmp_path):
+    """Each task gives a validation part (data.val_fraction of what its test split leaves); the kept round is the
+    first with the best validation accuracy, and the saved adapter repeats that round's test numbers."""
+    cfg = tiny(two_tasks, tmp_path / "run", "output.keep=best", "data.val_fraction=0.25", "federation.rounds=3")
+    run_dir, summary = engines.run(cfg, tmp_path / "run")
+    records = read_records(run_dir)
+    values = [r["val_accuracy"] for r in records]
+    best = records[values.index(max(values))]
+    assert summary["saved_round"] == best["round"]
+    result = inference.evaluate(inference.load(run_dir))
+    assert result.round == best["round"] and result.metrics["loss"] == pytest.approx(best["global_loss"], rel=1e-5)

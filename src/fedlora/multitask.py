@@ -8,7 +8,9 @@ Label space. Task t's labels are the rows [start_t, stop_t) of one classificatio
 Partition, every draw seeded by ``seed`` (FL-TAC's setup, arXiv 2404.15384, with a label Dirichlet added within
 each task):
 
-1. per task, a held-out global test split of ``data.test_fraction`` of its examples;
+1. per task, a held-out global test split of ``data.test_fraction`` of its examples; with a validation fraction
+   (``data.val_fraction``, or ``output.keep = "best"``) then a validation split of that share of the rest, from its
+   own random stream (without one no number is drawn for it, so the partition is the same as without validation);
 2. per task t, client shares p_t ~ Dir(task_alpha · 1_C); shares below ``MIN_SHARE`` (1 %) are set to 0 and the
    rest renormalised, as in FL-TAC's official code, so a client may hold no example of a task;
 3. within task t, its training examples are split over the clients: with ``partition = "iid"`` in proportions p_t;
@@ -37,8 +39,9 @@ MIN_SHARE = 0.01
 ATTEMPTS = 20
 """Partition draws tried before a too-small client is an error."""
 
-TEST_SPLIT, SHARES, LOCAL_SPLIT = 0, 1, 2
-"""Independent random streams: a task's global test split, the partition draws, a client's local split."""
+TEST_SPLIT, SHARES, LOCAL_SPLIT, VALIDATION_SPLIT = 0, 1, 2, 3
+"""Independent random streams: a task's global test split, the partition draws, a client's local split, a task's
+validation split."""
 
 
 @dataclass(frozen=True)
@@ -165,11 +168,13 @@ def partition_task(
 @dataclass(frozen=True)
 class TaskFederation:
     """A multi-task federation: the global test set (every task's held-out split), per client its (train, test)
-    parts, and per task the client shares p_t drawn (``shares[t][c]``)."""
+    parts, per task the client shares p_t drawn (``shares[t][c]``), and the validation split (every task's; None
+    without a validation fraction)."""
 
     test: TaskExamples
     clients: list[tuple[TaskExamples, TaskExamples]]
     shares: list[list[float]]
+    validation: TaskExamples | None = None
 
 
 def federate_tasks(
@@ -183,25 +188,33 @@ def federate_tasks(
     test_fraction: float,
     local_test_fraction: float,
     seed: int,
+    val_fraction: float = 0.0,
 ) -> TaskFederation:
-    """Split every task's global test part, partition the rest over the clients, split each client's part of each
-    task into its own train and test parts (module docstring)."""
+    """Split every task's global test part (and validation part), partition the rest over the clients, split each
+    client's part of each task into its own train and test parts (module docstring)."""
     tasks = np.asarray(examples.tasks)
     labels = np.asarray(examples.labels)
-    held, pools = [], []
+    held, validation, pools = [], [], []
     for t in range(len(examples.spans)):
         members = np.flatnonzero(tasks == t)
         order = np.random.default_rng(np.random.SeedSequence([seed, TEST_SPLIT, t])).permutation(members)
         num_test = round(len(members) * test_fraction)
         held.append(order[:num_test])
-        pools.append(np.sort(order[num_test:]))
+        rest = np.sort(order[num_test:])
+        if val_fraction:
+            rest = np.random.default_rng(np.random.SeedSequence([seed, VALIDATION_SPLIT, t])).permutation(rest)
+            num_val = round(len(rest) * val_fraction)
+            validation.append(rest[:num_val])
+            rest = np.sort(rest[num_val:])
+        pools.append(rest)
     need = max(1, min_partition_size)
     for attempt in range(ATTEMPTS):
         parts, shares = _draw(pools, labels, num_clients, task_alpha, partition, alpha, seed, attempt)
         clients = [_local_split(examples, parts, c, local_test_fraction, seed) for c in range(num_clients)]
         small = [c for c, (train, _) in enumerate(clients) if len(train) < need]
         if not small:
-            return TaskFederation(examples.subset(np.concatenate(held)), clients, shares)
+            val = examples.subset(np.concatenate(validation)) if val_fraction else None
+            return TaskFederation(examples.subset(np.concatenate(held)), clients, shares, val)
     raise datamod.DataError(
         f"data.tasks: after {ATTEMPTS} draws client {small[0]} still holds {len(clients[small[0]][0])} training "
         f"examples, fewer than max(1, data.min_partition_size) = {need} (data.task_alpha = {task_alpha}); use "

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fedlora import data as datamod
 from fedlora import devices, multitask, peft_io
+from fedlora.config import validation_fraction
 from fedlora.tasks.base import Encoded, Sums, TaskData
 from fedlora.tasks.seq_cls import EVAL_BATCH, SequenceClassification
 from fedlora.training import autocast, to_device, trim
@@ -51,10 +52,11 @@ class MultiTaskClassification(SequenceClassification):
             test_fraction=d.test_fraction,
             local_test_fraction=d.local_test_fraction,
             seed=cfg.seed,
+            val_fraction=validation_fraction(cfg),
         )
         tasks = [{"name": n, "labels": list(span)} for n, span in zip(self.names, examples.spans, strict=True)]
         info = {"label_names": examples.label_names, "tasks": tasks, "task_shares": fed.shares}
-        return TaskData(fed.test, list(fed.clients), len(examples.label_names), info)
+        return TaskData(fed.test, list(fed.clients), len(examples.label_names), info, fed.validation)
 
     def load_examples(
         self, cfg: Any, source: str, info: Mapping[str, Any], task: int | None = None
