@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/causal_lm.py train    [--model fedlora:smollm2-135m] [--steps 6] [--batch 8]
     .venv/bin/python benchmarks/causal_lm.py generate [--model ...] [--batch 16] [--new-tokens 24]
     .venv/bin/python benchmarks/causal_lm.py round    [--model ...] [--clients 10] [--workers 2] [--steps 5]
+                                                      [--checkpointing off|on|both]
 
 - ``train``: training tokens per second of ``fedlora.training.train_client`` with the causal-LM task's loss (the
   output layer only at response positions) against a bare PyTorch loop on the same PEFT model, the same batches,
@@ -13,7 +14,9 @@
   against one prompt at a time through the same function, same greedy outputs checked (target: ≥ 3× at batch 16).
 - ``round``: one in-process round of ``--clients`` SmolLM2 clients on ``--workers`` worker processes with the
   arithmetic evidence cell's settings; peak RSS of the main process and of each worker, sampled from /proc
-  (target: the sum within 8 GB), and the round's wall-time split (training, aggregation, evaluation, other).
+  (target: the sum within 8 GB), and the round's wall-time split (training, aggregation, evaluation, other);
+  ``--checkpointing both`` (the default) runs the round without and then with ``train.gradient_checkpointing``
+  and prints the ratios of their peaks and training times.
 
 Tokens are the non-padding tokens of the batches (prompt and response) per second of wall time.
 """
@@ -158,9 +161,21 @@ def tree_rss(root: int) -> dict[int, float]:
 
 
 def bench_round(args: argparse.Namespace) -> None:
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    results = {mode: one_round(args, mode) for mode in modes}
+    if len(results) == 2:
+        (peak_off, train_off), (peak_on, train_on) = results[False], results[True]
+        print(
+            f"checkpointing / without: peak of the summed RSS {peak_on / peak_off:.2f}x, training time "
+            f"{train_on / train_off:.2f}x"
+        )
+
+
+def one_round(args: argparse.Namespace, checkpointing: bool) -> tuple[float, float]:
+    """One round; prints its time split and peak RSS, returns (peak of the summed RSS, training seconds)."""
     from fedlora import engines
 
-    out = Path(args.out)
+    out = Path(args.out) / ("checkpointing" if checkpointing else "plain")
     overrides = [
         f"model.name={args.model}",
         f"data.num_clients={args.clients}",
@@ -169,6 +184,7 @@ def bench_round(args: argparse.Namespace) -> None:
         "federation.rounds=1",
         f"train.local_steps={args.steps}",
         f"output.dir={out}",
+        f"train.gradient_checkpointing={str(checkpointing).lower()}",
     ]
     cfg = config.load_config(CELL, overrides)
     peak: dict[int, float] = {}
@@ -192,7 +208,10 @@ def bench_round(args: argparse.Namespace) -> None:
     import json
 
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    print(f"one round: {args.clients} clients x {args.steps} steps of batch 16 on {args.workers} workers, {args.model}")
+    print(
+        f"one round: {args.clients} clients x {args.steps} steps of batch 16 on {args.workers} workers, {args.model}, "
+        f"gradient checkpointing {'on' if checkpointing else 'off'}"
+    )
     print(f"  wall {time.perf_counter() - started:.0f} s including set-up; the round {record['seconds']:.0f} s:")
     for part in ("train", "aggregate", "eval", "other"):
         value = record[f"seconds_{part}"]
@@ -201,6 +220,7 @@ def bench_round(args: argparse.Namespace) -> None:
     workers = sorted((v for v in peak.values() if v > 0.2), reverse=True)
     print(f"  peak RSS: main {main:.2f} GB, workers {[round(w, 2) for w in workers]} GB")
     print(f"  peak of the summed RSS {peak_sum[0]:.2f} GB (target <= 8 GB)")
+    return peak_sum[0], record["seconds_train"]
 
 
 def main() -> None:
@@ -213,6 +233,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
     ap.add_argument("--out", default="runs/benchmark-causal-round")
     args = ap.parse_args()
     torch.set_num_threads(1)

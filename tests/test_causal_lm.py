@@ -357,6 +357,53 @@ def test_a_short_federated_run_in_process_lowers_the_nll(tmp_path, tiny_llama_di
     assert PeftConfig.from_pretrained(run_dir / "adapter").task_type == "CAUSAL_LM"
 
 
+def _lora_gradients_and_layer_calls(tmp_path: Path, model_dir: Path, *extra: str) -> tuple[dict[str, Any], int]:
+    """One training step's LoRA gradients on a client's first 8 examples, and how often the first decoder layer's
+    MLP ran (a recomputation in the backward pass calls its forward again; module hooks do not see recomputations)."""
+    tmp_path.mkdir()
+    data = sums_jsonl(tmp_path / "sums.jsonl")
+    exp = build(causal_config(model_dir, data, tmp_path / "run", "model.lora.dropout=0.1", *extra))
+    batch = {k: v[:8] for k, v in exp.clients[0].train.items()}
+    mlp = peft_io.decoder_and_head(exp.model)[0].layers[0].mlp
+    calls, forward = [], mlp.forward
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return forward(*args)
+
+    mlp.forward = counted
+    torch.manual_seed(0)
+    for name, param in exp.model.named_parameters():
+        if "lora_B" in name:  # B = 0 at initialisation would leave A without a gradient
+            param.data.normal_(0, 0.1)
+    exp.model.train()
+    TASK.loss(exp.model, batch).backward()
+    grads = {n: p.grad.clone() for n, p in exp.model.named_parameters() if p.requires_grad and "lora_" in n}
+    return grads, len(calls)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_keeps_the_gradients(tmp_path, tiny_llama_dir):
+    plain, plain_calls = _lora_gradients_and_layer_calls(tmp_path / "plain", tiny_llama_dir)
+    saved, saved_calls = _lora_gradients_and_layer_calls(
+        tmp_path / "ckpt", tiny_llama_dir, "train.gradient_checkpointing=true"
+    )
+    assert (plain_calls, saved_calls) == (1, 2)  # the layer runs again in the backward pass
+    assert plain.keys() == saved.keys() and len(plain) == 8  # A and B of q_proj, v_proj in 2 layers
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(saved[name], grad, rtol=1e-5, atol=1e-7)  # dropout draws the same masks
+
+
+def test_gradient_checkpointing_is_refused_for_a_model_without_it(tmp_path, tiny_llama_dir, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    data = sums_jsonl(tmp_path / "sums.jsonl")
+    cfg = causal_config(tiny_llama_dir, data, tmp_path / "run", "train.gradient_checkpointing=true")
+    with pytest.raises(ValueError, match="LlamaForCausalLM does not support activation checkpointing"):
+        build(cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_worker_processes_give_the_same_causal_lm_results(tmp_path, tiny_llama_dir):

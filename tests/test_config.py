@@ -67,6 +67,7 @@ SPEC_DEFAULTS = {
     "train.lr_schedule": "constant",
     "train.warmup_rounds": 0,
     "train.lr_min": 0.0,
+    "train.gradient_checkpointing": False,
     "eval.every": 1,
     "output.trackers": [],
     "output.keep": "last",

@@ -411,6 +411,9 @@ class TrainConfig:
     lr_schedule: the learning rate of each round (``fedlora.schedule``): ``constant``; ``cosine`` from ``lr`` to
         ``lr_min`` over the rounds (FlowerTune's per-round cosine); ``linear_warmup`` over ``warmup_rounds`` rounds,
         then ``lr``.
+    gradient_checkpointing: recompute each transformer layer's activations during the backward pass instead of
+        keeping them from the forward pass (transformers' activation checkpointing): a smaller peak memory for a
+        longer step (one more forward pass per layer); the gradients are the same.
     """
 
     local_steps: int | None = _spec(None, "a positive int (or unset)", _positive)
@@ -422,6 +425,7 @@ class TrainConfig:
     lr_schedule: Schedule = "constant"
     warmup_rounds: int = _spec(0, "a non-negative int", _non_negative)
     lr_min: float = _spec(0.0, "a non-negative float", _non_negative)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "train")

@@ -100,7 +100,10 @@ def build(cfg: cfgmod.ExperimentConfig, clients: Collection[int] | None = None) 
     lora = cfg.model.lora
     ranks = list(lora.ranks) if lora.ranks is not None else [lora.r] * cfg.data.num_clients
     tokenizer = peft_io.load_tokenizer(cfg.model.name)
-    model = _peft_model(cfg, task.base_model(cfg, data), task, max(ranks)).to(device)
+    base = task.base_model(cfg, data)
+    if cfg.train.gradient_checkpointing:
+        peft_io.enable_activation_checkpointing(base)
+    model = _peft_model(cfg, base, task, max(ranks)).to(device)
     info = _model_info(cfg, model, max(ranks), data)
 
     def encode(examples: Examples) -> Encoded:

@@ -335,6 +335,19 @@ def make_peft_model(
         return get_peft_model(base, config)
 
 
+def enable_activation_checkpointing(base: nn.Module) -> None:
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them
+    (``train.gradient_checkpointing``; transformers' non-reentrant activation checkpointing, which restores the
+    random state, so dropout draws the same masks): the same gradients at a smaller peak memory. Active only in
+    training mode, so evaluation and generation are unaffected."""
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing = true: {type(base).__name__} does not support activation checkpointing; "
+            "expected a transformers model that does, or train.gradient_checkpointing = false"
+        )
+    base.activation_checkpointing_enable()
+
+
 def _targets_are_conv1d(base: nn.Module, config: LoraConfig | HiraConfig, patterns: list[str]) -> bool:
     """Check every pattern matches an nn.Linear / Conv1D module; True when all matches are Conv1D."""
     layers = {n: m for n, m in base.named_modules() if isinstance(m, (nn.Linear, Conv1D))}

@@ -293,7 +293,8 @@ def response_nll(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor,
     """The summed NLL of the response tokens and their number: the body on the whole sequence, the output layer
     only at the positions that predict a response token, cross-entropy in float32."""
     body, head = peft_io.decoder_and_head(model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = hidden.last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = head(hidden[:, :-1][keep]).float()
