@@ -9,7 +9,8 @@
   output layer only at response positions) against a bare PyTorch loop on the same PEFT model, the same batches,
   AdamW and clipping with the same loss (target: ratio ≥ 0.95), and against the bare loop with the usual
   full-vocabulary loss (``model(**batch).loss``: logits for every position), which gives the gain of response-only
-  logits; plus each variant's peak memory of one step (tracemalloc cannot see torch; the RSS growth is printed).
+  logits; plus the memory one step keeps for its backward pass, with response-only and full logits, and with
+  ``train.gradient_checkpointing``.
 - ``generate``: ``fedlora.generation.generate`` on ``--batch`` arithmetic prompts at once (left padding, KV cache)
   against one prompt at a time through the same function, same greedy outputs checked (target: ≥ 3× at batch 16).
 - ``round``: one in-process round of ``--clients`` SmolLM2 clients on ``--workers`` worker processes with the
@@ -82,8 +83,31 @@ def ours(exp: Experiment, steps: int, seed: int) -> tuple[float, int]:
     return training.train_client(exp.model, exp.task.loss, plan, data, settings, seed).seconds, tokens
 
 
-def rss() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+def kept_for_backward(exp: Experiment, full_logits: bool, checkpointing: bool) -> float:
+    """GB of tensors one training step's forward pass keeps for its backward pass (each storage once, the model's
+    own weights left out), seen by autograd's saved-tensor hooks; with checkpointing, what the checkpointed layers
+    keep (their inputs) instead of their activations."""
+    weights = {p.untyped_storage().data_ptr() for p in exp.model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    root = exp.model.get_base_model()
+    if checkpointing:
+        peft_io.enable_activation_checkpointing(root)
+    batch = next(training.batches(exp.clients[0].train, exp.cfg.train.batch_size, torch.Generator().manual_seed(0)))
+    exp.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tokens_only = {k: batch[k] for k in training.TOKEN_KEYS}
+        loss = exp.model(**tokens_only).loss if full_logits else exp.task.loss(exp.model, batch)
+    del loss
+    if checkpointing:
+        root.activation_checkpointing_disable()
+    return sum(kept.values()) / 1e9
 
 
 def bench_train(args: argparse.Namespace) -> None:
@@ -106,10 +130,12 @@ def bench_train(args: argparse.Namespace) -> None:
     ratio = best["fedlora"] / best["bare (same loss)"]
     print(f"  fedlora / bare (same loss)          = {ratio:.3f}   (target >= 0.95)")
     print(f"  response-only / full-logit (bare)   = {best['bare (same loss)'] / best['bare (full logits)']:.2f}x")
-    for name, full in (("response-only", False), ("full logits", True)):
-        before = rss()
-        bare_loop(exp, 1, 0, full_logits=full)
-        print(f"  RSS growth of one {name} step: {rss() - before:+.2f} GB (process {rss():.2f} GB)")
+    for name, full, checkpointing in (
+        ("response-only", False, False),
+        ("full logits", True, False),
+        ("response-only, gradient checkpointing", False, True),
+    ):
+        print(f"  kept for the backward pass of one step, {name}: {kept_for_backward(exp, full, checkpointing):.2f} GB")
 
 
 # --------------------------------------------------------------------------------------------- generation
