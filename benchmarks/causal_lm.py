@@ -51,6 +51,13 @@ def experiment(model: str, batch: int, extra: list[str]) -> Experiment:
 # --------------------------------------------------------------------------------------------- training
 
 
+def step_loss(exp: Experiment, batch: dict[str, torch.Tensor], full_logits: bool) -> torch.Tensor:
+    """The task's response-only loss, or the full-vocabulary loss of ``model(**batch)`` (logits at every position)."""
+    if full_logits:
+        return exp.model(**{k: batch[k] for k in training.TOKEN_KEYS}).loss
+    return exp.task.loss(exp.model, batch)
+
+
 def bare_loop(exp: Experiment, steps: int, seed: int, full_logits: bool) -> tuple[float, int]:
     """AdamW over the trainable parameters with clipping, on the same batch stream; the task's response-only loss,
     or the full-vocabulary loss of ``model(**batch)``. Returns (seconds, tokens)."""
@@ -64,8 +71,7 @@ def bare_loop(exp: Experiment, steps: int, seed: int, full_logits: bool) -> tupl
     for _ in range(steps):
         batch = next(stream)
         tokens += int(batch["attention_mask"].sum())
-        tokens_only = {k: batch[k] for k in training.TOKEN_KEYS}
-        loss = model(**tokens_only).loss if full_logits else exp.task.loss(model, batch)
+        loss = step_loss(exp, batch, full_logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(live.parameters, 1.0)
@@ -102,8 +108,7 @@ def kept_for_backward(exp: Experiment, full_logits: bool, checkpointing: bool) -
     batch = next(training.batches(exp.clients[0].train, exp.cfg.train.batch_size, torch.Generator().manual_seed(0)))
     exp.model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        tokens_only = {k: batch[k] for k in training.TOKEN_KEYS}
-        loss = exp.model(**tokens_only).loss if full_logits else exp.task.loss(exp.model, batch)
+        loss = step_loss(exp, batch, full_logits)
     del loss
     if checkpointing:
         root.activation_checkpointing_disable()
