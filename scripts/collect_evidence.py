@@ -10,7 +10,9 @@ partition and the initialisation for every method of a cell alike, so a paired d
 spread the methods share), a table per dataset of each method's final global accuracy against the Dirichlet alpha
 (seed 0), and the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
 with ρ_u = ‖B̃_u‖_F / ‖A_u‖_F (1 means every client has the same LoRA gauge; FLoRA-NA can only beat FedIT by much
-when this spread is large).
+when this spread is large). A multi-task cell (runs whose metrics carry ``global_accuracy_<task>``) also gets a
+table of each task's final global and local accuracy and of the scalar diagnostics of the last evaluated round
+(FL-TAC's cluster purity, FedLEASE's cluster count).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def main(root: Path) -> None:
             + ", ".join(f"{m} {a:.2f} ({b:.2f})" for m, (a, b) in spreads.items())
             + "\n"
         )
+        print(per_task_table(cell, list(summaries)))
         by_setting[cell.name.rsplit("-seed", 1)[0]].append(summaries)
     for dataset in sorted({c.split("-alpha")[0] for c in by_setting}):
         print(alpha_table(root, dataset))
@@ -113,6 +116,27 @@ def main(root: Path) -> None:
             print(f"| {m} ({len(runs)} seeds) | " + " | ".join(vals) + " |")
         print()
         print(paired_table(setting, seeds))
+
+
+def per_task_table(cell: Path, methods: list[str]) -> str:
+    """Per method, each task's global and local accuracy and the scalar diagnostics of its last evaluated round;
+    "" for a single-task cell."""
+    last = {m: [r for r in read_metrics(cell / m) if r.get("evaluated")][-1] for m in methods}
+    keys = {k for r in last.values() for k in r}
+    tasks = sorted(k.removeprefix("global_loss_") for k in keys if k.startswith("global_loss_"))
+    if not tasks:
+        return ""
+    diagnostics = sorted(
+        {k for r in last.values() for k, v in r.get("diagnostics", {}).items() if isinstance(v, float | int)}
+    )
+    titles = [f"{t} {where} acc" for t in tasks for where in ("global", "local")] + diagnostics
+    lines = ["| method | round | " + " | ".join(titles) + " |", "|---" * (len(titles) + 2) + "|"]
+    for m, r in last.items():
+        accuracies = [r.get(f"{where}_accuracy_{t}") for t in tasks for where in ("global", "local")]
+        shown = ["" if v is None else f"{v:.4f}" for v in accuracies]
+        shown += [f"{r['diagnostics'][k]:.4g}" if k in r.get("diagnostics", {}) else "" for k in diagnostics]
+        lines.append(f"| {m} | {r['round']} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
 
 
 PAIRED = [("final_global_accuracy", "final global acc", "{:+.4f}"), ("mean_divergence", "mean divergence", "{:+.3g}")]

@@ -1,8 +1,10 @@
-"""scripts/collect_evidence.py: the paired per-seed differences from FedIT, on hand-made summaries."""
+"""scripts/collect_evidence.py: the paired per-seed differences from FedIT and the per-task table of a multi-task
+cell, on hand-made summaries and metrics."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "collect_evidence.py"
@@ -40,3 +42,40 @@ def test_paired_differences_per_seed_with_mean_std_and_wins():
 def test_no_table_when_no_method_shares_two_seeds_with_fedit():
     seeds = [{"fedit": summary(0.8, 0.1)}, {"fedit": summary(0.7, 0.1), "flora_na": summary(0.7, 0.1)}]
     assert load_script().paired_table("cell", seeds) == ""
+
+
+def write_metrics(run: Path, records: list[dict]) -> None:
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def task_record(rnd: int, rt: float, bbc: float, **diagnostics: float) -> dict:
+    return {
+        "round": rnd,
+        "evaluated": True,
+        "global_accuracy_on_local": 0.5,  # not a task, though it shares the prefix
+        "global_accuracy_rt": rt,
+        "global_loss_rt": 0.6,
+        "local_accuracy_rt": rt + 0.1,
+        "global_accuracy_bbc": bbc,
+        "global_loss_bbc": 1.0,
+        "local_accuracy_bbc": None,  # no client holds the task's test examples
+        "diagnostics": {"assignment": [[0, 1]], **diagnostics},
+    }
+
+
+def test_per_task_table_reads_each_task_from_the_last_evaluated_round(tmp_path):
+    write_metrics(tmp_path / "fedit", [task_record(2, 0.6, 0.3), task_record(4, 0.7, 0.4), {"round": 5}])
+    write_metrics(tmp_path / "fl_tac", [task_record(4, 0.8, 0.9, cluster_purity=0.75)])
+    table = load_script().per_task_table(tmp_path, ["fedit", "fl_tac"]).splitlines()
+    assert (
+        table[0]
+        == "| method | round | bbc global acc | bbc local acc | rt global acc | rt local acc | cluster_purity |"
+    )
+    assert table[2] == "| fedit | 4 | 0.4000 |  | 0.7000 | 0.8000 |  |"
+    assert table[3] == "| fl_tac | 4 | 0.9000 |  | 0.8000 | 0.9000 | 0.75 |"
+
+
+def test_no_per_task_table_for_a_single_task_cell(tmp_path):
+    write_metrics(tmp_path / "fedit", [{"round": 1, "evaluated": True, "global_accuracy": 0.7, "global_loss": 0.5}])
+    assert load_script().per_task_table(tmp_path, ["fedit"]) == ""
