@@ -214,3 +214,16 @@ def test_the_baseline_is_each_tasks_majority_label():
     examples = multitask.combine([TextDataset(list("abcd"), [1, 1, 1, 0], ["n", "p"]), _task(6, 3, "x")], ["s", "t"])
     # task s: 3 of 4 are label 1; task t: labels 0,1,2,0,1,2 → 2 of 6
     assert MultiTaskClassification(("s", "t")).baseline(examples) == pytest.approx((3 + 2) / 10)
+
+
+def test_round_line_names_each_tasks_global_accuracy():
+    from fedlora.cli import classification_progress
+
+    record = {"global_accuracy": 0.55, "majority_share": 0.5245, "local_accuracy": 0.6, "local_majority_share": 0.5}
+    one_task = "global acc 0.5500 (majority class 0.5245), local acc 0.6000 (majority 0.5000)"
+    assert classification_progress(record) == one_task
+    record |= {"global_loss_rt": 0.6, "global_accuracy_rt": 0.7, "global_loss_bbc": 1.2, "global_accuracy_bbc": 0.25}
+    record |= {"global_accuracy_on_local": 0.9}  # not a task
+    assert classification_progress(record) == (
+        "global acc 0.5500 (majority class 0.5245; by task rt 0.7000, bbc 0.2500), local acc 0.6000 (majority 0.5000)"
+    )

@@ -89,11 +89,21 @@ class RichProgress:
         if record["global_accuracy"] is None:
             self.progress.console.print(f"round {rnd}: not evaluated (eval.every), {tail}")
             return
-        self.progress.console.print(
-            f"round {rnd}: global acc {record['global_accuracy']:.4f} (majority class "
-            f"{record['majority_share']:.4f}), local acc {record['local_accuracy']:.4f} (majority "
-            f"{record['local_majority_share']:.4f}), {tail}"
-        )
+        self.progress.console.print(f"round {rnd}: {classification_progress(record)}, {tail}")
+
+
+def classification_progress(record: dict[str, Any]) -> str:
+    """An evaluated classification round: global and local accuracy beside their majority-class shares, and in a
+    multi-task federation each task's global accuracy (the tasks are the ``global_loss_<task>`` keys)."""
+    tasks = [k.removeprefix("global_loss_") for k in record if k.startswith("global_loss_")]
+    shown = [
+        f"{t} {record[f'global_accuracy_{t}']:.4f}" for t in tasks if record.get(f"global_accuracy_{t}") is not None
+    ]
+    per_task = f"; by task {', '.join(shown)}" if shown else ""
+    return (
+        f"global acc {record['global_accuracy']:.4f} (majority class {record['majority_share']:.4f}{per_task}), "
+        f"local acc {record['local_accuracy']:.4f} (majority {record['local_majority_share']:.4f})"
+    )
 
 
 def _causal_progress(record: dict[str, Any]) -> str:
