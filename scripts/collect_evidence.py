@@ -23,7 +23,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from fedlora.plots import markdown_table, read_metrics
+from fedlora.plots import markdown_table, read_metrics, recorded_tasks
 
 COLUMNS = [
     ("final_global_accuracy", "final global acc", "{:.4f}"),
@@ -122,8 +122,7 @@ def per_task_table(cell: Path, methods: list[str]) -> str:
     """Per method, each task's global and local accuracy and the scalar diagnostics of its last evaluated round;
     "" for a single-task cell."""
     last = {m: [r for r in read_metrics(cell / m) if r.get("evaluated")][-1] for m in methods}
-    keys = {k for r in last.values() for k in r}
-    tasks = sorted(k.removeprefix("global_loss_") for k in keys if k.startswith("global_loss_"))
+    tasks = sorted({t for r in last.values() for t in recorded_tasks(r)})
     if not tasks:
         return ""
     diagnostics = sorted(

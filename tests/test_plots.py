@@ -266,6 +266,32 @@ def test_local_global_gap_is_shaded_per_series(tmp_path):
     assert [c.get_label() for c in panels[1].collections] == ["gap = local − global"]
 
 
+def test_task_accuracy_has_a_global_and_a_local_panel_per_task(tmp_path):
+    tasks = {
+        "global_loss_rt": 0.6,
+        "global_accuracy_rt": [0.6, None, 0.8],
+        "local_accuracy_rt": [0.7, None, 0.9],
+        "global_loss_bbc": 1.0,
+        "global_accuracy_bbc": [0.3, None, 0.5],
+        "local_accuracy_bbc": [None, None, 0.4],  # no client held test examples of the task in round 1
+        "global_accuracy_on_local": 0.7,  # not a task
+    }
+    runs = [write_run(tmp_path / "a", "fedit", **tasks), write_run(tmp_path / "b", "fl_tac", **tasks)]
+    figs, _ = draw(runs, ["task_accuracy"])
+    panels = figs["task_accuracy"].axes
+    assert [ax.get_title().split(":")[0] for ax in panels] == ["rt", "bbc", "rt", "bbc"]
+    assert "global model" in panels[0].get_title() and "own adapter" in panels[2].get_title()
+    assert curves(panels[1])["fl_tac"] == ([1, 3], [0.3, 0.5])
+    assert curves(panels[3])["fedit"] == ([3], [0.4])
+
+
+def test_no_task_accuracy_for_single_task_runs(tmp_path):
+    _, plotted = draw([write_run(tmp_path / "a")], ["task_accuracy"])
+    assert plotted.skipped == {
+        "task_accuracy": "no run records a per-task accuracy (a multi-task federation, data.tasks)"
+    }
+
+
 def test_accuracy_against_cumulative_bytes(tmp_path):
     run = write_run(tmp_path / "r", accuracy=[0.5, None, 0.7])
     figs, _ = draw([run], ["accuracy_vs_bytes"])

@@ -94,11 +94,11 @@ class RichProgress:
 
 def classification_progress(record: dict[str, Any]) -> str:
     """An evaluated classification round: global and local accuracy beside their majority-class shares, and in a
-    multi-task federation each task's global accuracy (the tasks are the ``global_loss_<task>`` keys)."""
-    tasks = [k.removeprefix("global_loss_") for k in record if k.startswith("global_loss_")]
-    shown = [
-        f"{t} {record[f'global_accuracy_{t}']:.4f}" for t in tasks if record.get(f"global_accuracy_{t}") is not None
-    ]
+    multi-task federation each task's global accuracy."""
+    from fedlora.plots import recorded_tasks
+
+    tasks = recorded_tasks(record)
+    shown = [f"{t} {record[f'global_accuracy_{t}']:.4f}" for t in tasks if record[f"global_accuracy_{t}"] is not None]
     per_task = f"; by task {', '.join(shown)}" if shown else ""
     return (
         f"global acc {record['global_accuracy']:.4f} (majority class {record['majority_share']:.4f}{per_task}), "
@@ -303,8 +303,9 @@ def plot(
     only: Annotated[str | None, typer.Option(help="Comma-separated figure names (default: all).")] = None,
 ) -> None:
     """PNGs of one or more runs, one curve per run labelled by the config keys that differ (runs differing only
-    in seed: mean ± std): accuracy, local_global_gap, loss, divergence, divergence_heatmap, accuracy_vs_bytes,
-    accuracy_vs_alpha and divergence_vs_alpha (when the runs span several Dirichlet α)."""
+    in seed: mean ± std): accuracy, task_accuracy (multi-task runs), local_global_gap, loss, divergence,
+    divergence_heatmap, accuracy_vs_bytes, accuracy_vs_alpha and divergence_vs_alpha (when the runs span several
+    Dirichlet α)."""
     from fedlora import plots
 
     try:

@@ -78,6 +78,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def recorded_tasks(record: Mapping[str, Any]) -> list[str]:
+    """The tasks of a multi-task run's metrics record, in record order: each name t with both a ``global_loss_<t>``
+    and a ``global_accuracy_<t>`` key (``global_accuracy_on_local`` alone, or a causal LM's ``global_loss_on_local``,
+    names no task); [] for a single-task run."""
+    losses = [k.removeprefix("global_loss_") for k in record if k.startswith("global_loss_")]
+    return [t for t in losses if f"global_accuracy_{t}" in record]
+
+
 def read_run(run_dir: Path) -> Run:
     """A run directory (``metrics.jsonl`` required, ``config.toml`` read when present)."""
     path = Path(run_dir)
@@ -316,6 +324,25 @@ def loss_figure(sel: Selection) -> Any:
 def divergence_figure(sel: Selection) -> Any:
     """The aggregation error against the ideal update per round, log scale (exact methods at the floor)."""
     return _rounds_figure(sel, [DIVERGENCE_METRIC])
+
+
+def task_accuracy_figure(sel: Selection) -> Any:
+    """A multi-task federation's accuracy per task and round: the global model on the task's held-out test examples
+    (top row) and each client's own adapter on its own examples of the task (bottom row), one column per task."""
+    tasks = list(dict.fromkeys(t for run in sel.runs for r in run.records for t in recorded_tasks(r)))
+    if not tasks:
+        raise NoData("no run records a per-task accuracy (a multi-task federation, data.tasks)")
+    local = "each client's own adapter on its own examples\n(mean over the round's clients holding the task)"
+    rows = [
+        [Metric(f"global_accuracy_{t}", f"{t}: {_GLOBAL}", "accuracy", scale="share") for t in tasks],
+        [Metric(f"local_accuracy_{t}", f"{t}: {local}", "accuracy", scale="share") for t in tasks],
+    ]
+    fig, axes = _figure(2, len(tasks), width=5.2, height=4.2)
+    for row_axes, metrics in zip(axes, rows, strict=True):
+        for ax, metric in zip(row_axes, metrics, strict=True):
+            _rounds_panel(ax, sel.series, metric)
+    _legend(fig)
+    return fig
 
 
 def _rounds_figure(sel: Selection, metrics: Sequence[Metric]) -> Any:
@@ -611,6 +638,7 @@ def _integer_ticks(axis: Any) -> None:
 
 FIGURES: dict[str, Callable[[Selection], Any]] = {
     "accuracy": accuracy_figure,
+    "task_accuracy": task_accuracy_figure,
     "local_global_gap": local_global_gap_figure,
     "loss": loss_figure,
     "divergence": divergence_figure,
