@@ -10,9 +10,9 @@ partition and the initialisation for every method of a cell alike, so a paired d
 spread the methods share), a table per dataset of each method's final global accuracy against the Dirichlet alpha
 (seed 0), and the clients' B/A balance spread: per round, max_u ρ_u / min_u ρ_u
 with ρ_u = ‖B̃_u‖_F / ‖A_u‖_F (1 means every client has the same LoRA gauge; FLoRA-NA can only beat FedIT by much
-when this spread is large). A multi-task cell (runs whose metrics carry ``global_accuracy_<task>``) also gets a
-table of each task's final global and local accuracy and of the scalar diagnostics of the last evaluated round
-(FL-TAC's cluster purity, FedLEASE's cluster count).
+when this spread is large). A multi-task cell (runs whose metrics name tasks, ``fedlora.plots.recorded_tasks``)
+also gets a table of each task's final global and local accuracy and of the scalar diagnostics of the last
+evaluated round (FL-TAC's cluster purity, FedLEASE's cluster count).
 """
 
 from __future__ import annotations
